@@ -1,0 +1,3 @@
+from ecserve.cli import main
+
+raise SystemExit(main())
