@@ -1,0 +1,69 @@
+"""Causal grouped-query attention that writes and reads a paged KV cache."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ecserve.config import ModelConfig
+from ecserve.model.batch import ForwardBatch
+from ecserve.model.layers import apply_rope
+
+
+class LayerKV(NamedTuple):
+    """One layer's cache, viewed flat: slot = block * block_size + offset."""
+
+    k: torch.Tensor  # [num_slots, kv_heads, head_dim]
+    v: torch.Tensor  # [num_slots, kv_heads, head_dim]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.num_kv_heads is not None and cfg.head_dim is not None
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        )
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.wq = nn.Parameter(torch.empty(cfg.num_heads * hd, d))
+        self.wk = nn.Parameter(torch.empty(cfg.num_kv_heads * hd, d))
+        self.wv = nn.Parameter(torch.empty(cfg.num_kv_heads * hd, d))
+        self.wo = nn.Parameter(torch.empty(d, cfg.num_heads * hd))
+        # Per-layer relative position bias of the paper's model: [buckets, heads].
+        self.rel_bias = (
+            nn.Parameter(torch.empty(cfg.relative_attention_num_buckets, cfg.num_heads))
+            if cfg.position_encoding == "relative_bias"
+            else None
+        )
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, d] -> q [N, H, hd], k and v [N, KVH, hd], rope applied."""
+        n = x.shape[0]
+        q = F.linear(x, self.wq).view(n, self.num_heads, self.head_dim)
+        k = F.linear(x, self.wk).view(n, self.num_kv_heads, self.head_dim)
+        v = F.linear(x, self.wv).view(n, self.num_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: LayerKV) -> torch.Tensor:
+        # x: [N, d] -> [N, d]
+        q, k, v = self.project(x, batch.rope)
+        kv.k[batch.slot_mapping] = k
+        kv.v[batch.slot_mapping] = v
+        qp = q[batch.q_index].transpose(1, 2)  # [S, H, Q, hd]
+        kp = kv.k[batch.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]
+        vp = kv.v[batch.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]
+        mask: torch.Tensor = batch.attn_mask  # [S, 1, Q, L]
+        if self.rel_bias is not None:
+            assert batch.rel_buckets is not None
+            bias = self.rel_bias[batch.rel_buckets].permute(0, 3, 1, 2)  # [S, H, Q, L]
+            mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2)[batch.q_valid]  # [N, H, hd]
+        return F.linear(out.reshape(x.shape[0], -1), self.wo)

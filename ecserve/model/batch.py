@@ -1,0 +1,95 @@
+"""ForwardBatch: the per-step tensors every layer reads, built once from the step plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ecserve.config import ModelConfig
+from ecserve.model.layers import relative_position_bucket, rope_cos_sin
+from ecserve.types import StepPlan
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """The step's N tokens, laid out as S sequences' contiguous runs, in routing-group order."""
+
+    input_ids: torch.Tensor  # int64 [N]
+    positions: torch.Tensor  # int64 [N]: position of each token in its sequence
+    slot_mapping: torch.Tensor  # int64 [N]: flat KV cache slot each new token writes
+    q_index: torch.Tensor  # int64 [S, Q]: token of query j of sequence s (padding: 0)
+    q_valid: torch.Tensor  # bool [S, Q]: real queries; runs are in token order, so [q_valid] unpads
+    kv_slots: torch.Tensor  # int64 [S, L]: KV slot of key position j (padding: position 0's slot)
+    attn_mask: torch.Tensor  # bool [S, 1, Q, L]: causal and within the sequence's length
+    rel_buckets: torch.Tensor | None  # int64 [S, Q, L]: relative_bias buckets (None for rope)
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [N, head_dim] (None: relative)
+    group_bounds: tuple[int, ...]  # routing groups are tokens [b[i], b[i+1])
+    logits_index: torch.Tensor  # int64 [M]: tokens whose next-token logits are needed
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @staticmethod
+    def from_plan(
+        plan: StepPlan, cfg: ModelConfig, block_size: int, device: torch.device
+    ) -> ForwardBatch:
+        chunks = plan.chunks
+        lens = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.long)  # [S]
+        starts = torch.tensor([c.start_pos for c in chunks], dtype=torch.long)  # [S]
+        q_offsets = torch.cumsum(lens, 0) - lens  # [S]: first token of each run
+        ctx = starts + lens  # [S]: keys visible after this step
+        q_max, l_max = int(lens.max()), int(ctx.max())
+        n_blocks = max(len(c.block_table) for c in chunks)
+        tables = torch.zeros(len(chunks), n_blocks, dtype=torch.long)  # [S, B]
+        for s, c in enumerate(chunks):
+            tables[s, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.long)
+
+        j_q = torch.arange(q_max)  # [Q]
+        q_valid = j_q[None, :] < lens[:, None]  # [S, Q]
+        q_pos = torch.where(q_valid, starts[:, None] + j_q[None, :], 0)  # [S, Q]
+        q_index = torch.where(q_valid, q_offsets[:, None] + j_q[None, :], 0)  # [S, Q]
+        j_k = torch.arange(l_max)  # [L]
+        k_valid = j_k[None, :] < ctx[:, None]  # [S, L]
+        block_of = (j_k // block_size).clamp(max=n_blocks - 1).expand(len(chunks), -1)  # [S, L]
+        slots = tables.gather(1, block_of)
+        slots = slots * block_size + (j_k % block_size)[None, :]  # [S, L]
+        kv_slots = torch.where(k_valid, slots, slots[:, :1])
+        # Padded queries sit at position 0 and see key 0, so no softmax row is empty.
+        attn_mask = (j_k[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [S, Q, L]
+
+        positions = q_pos[q_valid]  # [N]
+        slot_mapping = slots.gather(1, q_pos)[q_valid]  # [N]
+        rel = None
+        if cfg.position_encoding == "relative_bias":
+            rel = relative_position_bucket(
+                q_pos[:, :, None] - j_k[None, None, :],
+                cfg.relative_attention_num_buckets,
+                cfg.relative_attention_max_distance,
+            ).to(device)
+        rope = None
+        if cfg.position_encoding == "rope":
+            assert cfg.head_dim is not None
+            cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+            rope = (cos.to(device), sin.to(device))
+        sample = [s for s, c in enumerate(chunks) if c.sample]
+        logits_index = (q_offsets + lens - 1)[sample]  # [M]: each sampling run's last token
+        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
+        bounds = [0]
+        for g in plan.group_sizes:
+            bounds.append(bounds[-1] + g)
+        assert bounds[-1] == ids.numel(), "routing groups must cover the step's tokens"
+        return ForwardBatch(
+            input_ids=ids.to(device),
+            positions=positions.to(device),
+            slot_mapping=slot_mapping.to(device),
+            q_index=q_index.to(device),
+            q_valid=q_valid.to(device),
+            kv_slots=kv_slots.to(device),
+            attn_mask=attn_mask[:, None].to(device),
+            rel_buckets=rel,
+            rope=rope,
+            group_bounds=tuple(bounds),
+            logits_index=logits_index.to(device),
+        )

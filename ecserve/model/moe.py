@@ -1,0 +1,86 @@
+"""The expert-choice MoE layer: float32 router, per-group routing, batched experts, combine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ecserve.config import ModelConfig
+from ecserve.model.layers import GLUFeedForward, activation_fn
+from ecserve.routing import route
+from ecserve.types import MoEStats
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        e, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size
+        self.layer = layer
+        self.routing = cfg.routing
+        self.router = nn.Parameter(torch.empty(e, d))
+        self.router_bias = nn.Parameter(torch.empty(e)) if cfg.router_bias else None
+        # Experts stacked on a leading E axis, so all of them run as one batched GEMM.
+        self.w_gate = nn.Parameter(torch.empty(e, f, d))
+        self.w_up = nn.Parameter(torch.empty(e, f, d))
+        self.w_down = nn.Parameter(torch.empty(e, d, f))
+        self.act = activation_fn(cfg.activation)
+        fs = cfg.shared_expert_ffn_hidden_size
+        self.shared = GLUFeedForward(d, fs, cfg.activation) if fs else None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Router probabilities, always in float32 (bf16 routers pick different tokens)."""
+        bias = None if self.router_bias is None else self.router_bias.float()
+        return torch.softmax(F.linear(x.float(), self.router.float(), bias), dim=-1)  # [N, E]
+
+    def forward(
+        self, x: torch.Tensor, group_bounds: Sequence[int]
+    ) -> tuple[torch.Tensor, MoEStats]:
+        # x: [N, d]; routing groups are the contiguous token ranges [b[i], b[i+1]).
+        scores = self.scores(x)  # [N, E]
+        idx_parts, gate_parts = [], []
+        for start, end in itertools.pairwise(group_bounds):
+            r = route(scores[start:end], self.routing)
+            idx_parts.append(torch.where(r.idx >= 0, r.idx + start, -1))  # [E, k_g] step-wide
+            gate_parts.append(r.gate)
+        idx = torch.cat(idx_parts, dim=1)  # [E, K]: every group's slots side by side
+        gate = torch.cat(gate_parts, dim=1)  # [E, K]
+        y = self.combine(x, idx, gate)  # [N, d] float32
+        if self.shared is not None:
+            y = y + self.shared(x).float()
+        stats = self._stats(idx, gate, x.shape[0], group_bounds)
+        return y.to(x.dtype), stats
+
+    def combine(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """y_t = sum of gate * FFN_e(x_t) over slots holding t, in float32, by ascending expert."""
+        xs = x[idx.clamp(min=0)]  # [E, K, d]: gathered token rows (empty slots read token 0)
+        h = self.act(torch.bmm(xs, self.w_gate.transpose(1, 2)))  # [E, K, f]
+        h.mul_(torch.bmm(xs, self.w_up.transpose(1, 2)))
+        out = torch.bmm(h, self.w_down.transpose(1, 2)).float()  # [E, K, d]
+        out.mul_(gate[..., None])  # empty slots have gate 0
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        # Expert-major source order: CPU index_add_ accumulates rows in that order, which is
+        # the spec's ascending expert order. (CUDA uses the Triton combine, issue 7.)
+        # Empty slots add their zero rows to token 0, which changes no bit of its sum.
+        y.index_add_(0, idx.clamp(min=0).flatten(), out.flatten(0, 1))
+        return y
+
+    def _stats(
+        self, idx: torch.Tensor, gate: torch.Tensor, n: int, group_bounds: Sequence[int]
+    ) -> MoEStats:
+        valid = idx >= 0
+        per_token = torch.bincount(idx[valid], minlength=n)  # [N]: experts each token got
+        hist = torch.bincount(per_token, minlength=idx.shape[0] + 1)  # [E + 1]
+        sizes = tuple(b - a for a, b in itertools.pairwise(group_bounds))
+        return MoEStats(
+            layer=self.layer,
+            policy=self.routing.policy,
+            group_sizes=sizes,
+            capacity_slots=int(idx.shape[1]),
+            tokens_per_expert=valid.sum(dim=1),
+            gate_sum=(gate * valid).sum(dim=1),
+            experts_per_token=hist,
+        )

@@ -1,0 +1,133 @@
+"""Checkpoint directories: config.json + safetensors (one file, or shards with an index).
+
+Loading checks the tensors against the architecture the config describes and names every
+missing, unexpected or misshapen tensor. Only safetensors are read: no pickle formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ecserve.config import ConfigError, ModelConfig
+from ecserve.model.transformer import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's files do not match what its config describes; the message says how."""
+
+
+def read_config(model_dir: str | os.PathLike) -> ModelConfig:
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (a model directory needs {CONFIG_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the architecture needs, with its shape."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Map each stored tensor name to the file holding it."""
+    single, index = model_dir / WEIGHTS_FILE, model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e})") from e
+        files = {name: model_dir / shard for name, shard in weight_map.items()}
+        absent = sorted({str(p) for p in files.values() if not p.is_file()})
+        if absent:
+            raise CheckpointError(f"{index} names missing shard file(s): {', '.join(absent)}")
+        return files
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    raise CheckpointError(
+        f"{model_dir}: no weights: expected {WEIGHTS_FILE} or {INDEX_FILE} with shards "
+        "(safetensors only; pickle formats are not loaded)"
+    )
+
+
+def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Read and check every tensor; errors list all problems at once."""
+    model_dir = Path(model_dir)
+    files = _tensor_files(model_dir)
+    expected = expected_tensors(cfg)
+    problems = []
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        problems.append(f"missing tensor(s): {', '.join(missing)}")
+    unexpected = sorted(set(files) - set(expected))
+    if unexpected:
+        problems.append(f"unexpected tensor(s): {', '.join(unexpected)}")
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected.keys() & files.keys():
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            stored = set(f.keys())
+            for name in sorted(names):
+                if name not in stored:
+                    problems.append(f"{name}: listed in the index but absent from {path.name}")
+                    continue
+                t = f.get_tensor(name)
+                if tuple(t.shape) != expected[name]:
+                    problems.append(
+                        f"{name}: shape {list(t.shape)}, expected {list(expected[name])}"
+                    )
+                elif not t.is_floating_point():
+                    problems.append(f"{name}: dtype {t.dtype}, expected a floating-point tensor")
+                state[name] = t
+    if problems:
+        raise CheckpointError(f"{model_dir}: " + "; ".join(problems))
+    return state
+
+
+def load_model(
+    model_dir: str | os.PathLike,
+    cfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """Build the model from a checked checkpoint, in `dtype` (default: the config's)."""
+    dtype = dtype or DTYPES[cfg.dtype]
+    state = load_state_dict(model_dir, cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def save_model(
+    model_dir: str | os.PathLike, cfg: ModelConfig, state: dict[str, torch.Tensor]
+) -> None:
+    """Write config.json and model.safetensors (the whole model in one file)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tensors = {k: v.detach().to(DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
+    save_file(tensors, model_dir / WEIGHTS_FILE, metadata={"format": "pt"})
