@@ -1,0 +1,106 @@
+"""The batcher: admission by KV budget, this step's tokens, and their routing groups."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ecserve.config import EngineConfig, RoutingConfig
+from ecserve.engine.grouping import batch_group_sizes, sequence_group_sizes
+from ecserve.engine.kv_cache import BlockManager
+from ecserve.engine.sequence import SeqStatus, Sequence
+from ecserve.types import ScheduledChunk, StepPlan
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+class Batcher:
+    """Owns the waiting queue and the running set; decides each step's tokens and groups."""
+
+    def __init__(
+        self, cfg: EngineConfig, routing: RoutingConfig, num_experts: int, blocks: BlockManager
+    ) -> None:
+        self.cfg = cfg
+        self.group_size = routing.group_size
+        # token_choice routes every token on its own, so any cut fills every slot.
+        self.unit = 1 if routing.policy == "token_choice" else routing.group_unit(num_experts)
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in arrival order
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.cfg.max_waiting:
+            raise QueueFullError(
+                f"waiting queue full ({self.cfg.max_waiting} requests); retry later"
+            )
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its KV blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.status = SeqStatus.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan | None:
+        """This step's chunks (decode tokens first, then prefill chunks) and routing groups."""
+        self._admit()
+        budget = self.cfg.max_num_batched_tokens
+        entries = [(s, self._decode_chunk(s)) for s in self.running if not s.is_prefilling]
+        entries = entries[:budget]
+        budget -= len(entries)
+        for seq in self.running:
+            n = self._prefill_len(seq, budget) if seq.is_prefilling else 0
+            if n > 0:
+                entries.append((seq, self._prefill_chunk(seq, n)))
+                budget -= n
+        if not entries:
+            return None
+        # Batch scope: decode tokens by arrival, then prefill chunks, cut into balanced groups.
+        # Sequence scope: each sequence's own groups at fixed positions, by arrival.
+        batch = [e for e in entries if e[0].scope == "batch"]
+        own = sorted((e for e in entries if e[0].scope == "sequence"), key=lambda e: e[0].arrival)
+        groups = batch_group_sizes(sum(len(c.token_ids) for _, c in batch), self.group_size,
+                                   self.unit)
+        for _, c in own:
+            groups += sequence_group_sizes(c.start_pos, len(c.token_ids), self.group_size)
+        for seq, c in batch + own:
+            seq.num_computed = c.start_pos + len(c.token_ids)
+        return StepPlan(chunks=tuple(c for _, c in batch + own), group_sizes=tuple(groups))
+
+    def _admit(self) -> None:
+        # Strict arrival order: a request that does not fit yet blocks those behind it, so
+        # large requests are not starved. Blocks for the whole request are reserved up front:
+        # expert-choice routing forbids recomputing a preempted sequence (its routing would change).
+        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq.kv_tokens_needed):
+                break
+            self.waiting.popleft()
+            seq.block_table = self.blocks.allocate(seq.request_id, seq.kv_tokens_needed)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+
+    def _prefill_len(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_prompt - seq.num_computed, budget)
+        if seq.scope == "sequence" and seq.num_computed + n < seq.num_prompt:
+            # Chunks end on group boundaries so the prompt's groups never depend on the load.
+            end = (seq.num_computed + n) // self.group_size * self.group_size
+            n = end - seq.num_computed
+        return n
+
+    def _decode_chunk(self, seq: Sequence) -> ScheduledChunk:
+        pos = len(seq.token_ids) - 1
+        return ScheduledChunk(seq.request_id, (seq.token_ids[-1],), pos,
+                              tuple(seq.block_table), sample=True)
+
+    def _prefill_chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        start = seq.num_computed
+        return ScheduledChunk(seq.request_id, tuple(seq.token_ids[start:start + n]), start,
+                              tuple(seq.block_table), sample=start + n == seq.num_prompt)

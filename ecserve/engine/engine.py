@@ -1,0 +1,182 @@
+"""The engine: the step loop over batcher -> runner -> sampler -> output.
+
+New requests join between steps (continuous batching); the server drives the same object.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ecserve.config import SCOPES, ConfigError, EngineConfig, ModelConfig
+from ecserve.engine.batcher import Batcher
+from ecserve.engine.kv_cache import BlockManager
+from ecserve.engine.output import append_token
+from ecserve.engine.runner import ModelRunner, free_memory_bytes, kv_bytes_per_block
+from ecserve.engine.sampler import sample
+from ecserve.engine.sequence import Sequence
+from ecserve.model.default import default_model_dir
+from ecserve.model.weights import DTYPES, load_model, read_config
+from ecserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+from ecserve.types import Request, StepStats, TokenEvent
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as given; the message names the field."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Debug record of one step (EngineConfig.record_steps)."""
+
+    stats: StepStats
+    logits: dict[str, torch.Tensor]  # request id -> float32 [V] logits it sampled from
+
+    def groups(self) -> list[list[tuple[str, int]]]:
+        """Each routing group as (request id, position) pairs, in the order the model saw them."""
+        tokens = [(c.request_id, c.start_pos + j)
+                  for c in self.stats.plan.chunks for j in range(len(c.token_ids))]
+        out, i = [], 0
+        for size in self.stats.plan.group_sizes:
+            out.append(tokens[i:i + size])
+            i += size
+        return out
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path | None = None, cfg: EngineConfig | None = None):
+        self.cfg = cfg = cfg or EngineConfig()
+        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.model_cfg: ModelConfig = read_config(self.model_dir)
+        mc = self.model_cfg
+        self.tokenizer = load_tokenizer(self.model_dir, mc.tokenizer, mc.bos_token_id,
+                                        mc.eos_token_id)
+        if self.tokenizer.vocab_size > mc.vocab_size:
+            raise ConfigError(f"vocab_size={mc.vocab_size} is smaller than the tokenizer's "
+                              f"{self.tokenizer.vocab_size} ids")
+        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={mc.max_position_embeddings}")
+        if cfg.max_num_batched_tokens < max(cfg.max_num_seqs, mc.routing.group_size):
+            raise ValueError(
+                f"max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= max_num_seqs="
+                f"{cfg.max_num_seqs} and >= routing.group_size={mc.routing.group_size}"
+            )
+        device = torch.device(cfg.device if cfg.device != "auto"
+                              else "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = DTYPES[cfg.dtype or mc.dtype]
+        model = load_model(self.model_dir, mc, device, dtype)
+        num_blocks = self._num_kv_blocks(model, device)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks)
+        self.seqs: dict[str, Sequence] = {}
+        self._arrivals = 0
+        self.last_stats: StepStats | None = None
+        self.records: list[StepRecord] = []
+
+    def _num_kv_blocks(self, model: torch.nn.Module, device: torch.device) -> int:
+        per_block = kv_bytes_per_block(model, self.cfg.block_size)
+        budget = self.cfg.kv_cache_bytes
+        if budget is None:
+            budget = int(free_memory_bytes(device) * self.cfg.kv_cache_memory_fraction)
+        # More than max_num_seqs full-length sequences can use would be memory wasted.
+        useful = self.cfg.max_num_seqs * -(-self.max_model_len // self.cfg.block_size)
+        blocks = min(budget // per_block, useful)
+        if blocks < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes holds no block "
+                             f"({per_block} bytes per {self.cfg.block_size}-token block)")
+        return blocks
+
+    # ---------------------------------------------------------------- requests
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt text -> ids, with the model's BOS token first when it has one."""
+        bos = self.model_cfg.bos_token_id
+        return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises RequestError (bad input) or QueueFullError (overload)."""
+        self._validate(request)
+        seed = request.params.seed
+        if seed is None:
+            seed = secrets.randbits(63)
+        seq = Sequence(
+            request=request,
+            arrival=self._arrivals,
+            scope=request.routing_scope or self.model_cfg.routing.scope,
+            seed=seed,
+            generator=torch.Generator().manual_seed(seed),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids),
+        )
+        self.batcher.add(seq)
+        self._arrivals += 1
+        self.seqs[request.request_id] = seq
+
+    def _validate(self, r: Request) -> None:
+        vocab, p = self.model_cfg.vocab_size, r.params
+        if r.request_id in self.seqs:
+            raise RequestError(f"request_id {r.request_id!r} is already in use")
+        if not r.prompt_token_ids:
+            raise RequestError("prompt: empty (a prompt needs at least one token)")
+        bad = [t for t in r.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+        bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"stop_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
+        if r.routing_scope is not None and r.routing_scope not in SCOPES:
+            raise RequestError(f"routing_scope: {r.routing_scope!r} is not one of "
+                               f"{', '.join(SCOPES)}")
+        total = len(r.prompt_token_ids) + p.max_new_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(r.prompt_token_ids)} tokens) + max_new_tokens ({p.max_new_tokens})"
+                f" = {total} exceeds the context of {self.max_model_len} tokens"
+            )
+        need = self.blocks.blocks_for(total - 1)
+        if need > self.blocks.num_blocks:
+            raise RequestError(
+                f"prompt + max_new_tokens needs {need} KV blocks but the whole cache has "
+                f"{self.blocks.num_blocks}; lower max_new_tokens or raise the KV cache budget"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or already done."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.batcher.remove(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.batcher.has_work()
+
+    # ---------------------------------------------------------------- the step
+
+    def step(self) -> list[TokenEvent]:
+        """Run one forward step over everything scheduled; returns this step's tokens."""
+        t0 = time.perf_counter()
+        plan = self.batcher.schedule()
+        if plan is None:
+            return []
+        logits, moe_stats = self.runner.execute(plan)
+        seqs = [self.seqs[c.request_id] for c in plan.chunks if c.sample]
+        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs],
+                        [s.num_generated for s in seqs], self.model_cfg.eos_token_id)
+        events = [append_token(s, t, self.model_cfg.eos_token_id) for s, t in zip(seqs, tokens,
+                                                                                   strict=True)]
+        for seq in seqs:
+            if seq.finish_reason is not None:
+                self.batcher.remove(seq)
+                del self.seqs[seq.request_id]
+        self.last_stats = StepStats(plan, tuple(moe_stats), time.perf_counter() - t0)
+        if self.cfg.record_steps:
+            rows = dict(zip((s.request_id for s in seqs), logits, strict=True))
+            self.records.append(StepRecord(self.last_stats, rows))
+        return events

@@ -1,0 +1,76 @@
+"""The offline API: `LLM(model_dir).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ecserve.config import EngineConfig
+from ecserve.engine.engine import Engine
+from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    text: str  # the generated text
+    token_ids: list[int]  # the generated ids
+    finish_reason: FinishReason
+    seed: int  # the sampling seed used (pass it back to reproduce a sampled output)
+
+
+class LLM:
+    """Generate from a batch of prompts, continuously batched, on one engine."""
+
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
+        self.engine = Engine(model, config)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        routing_scope: str | None = None,
+        on_token: Callable[[TokenEvent], None] | None = None,
+    ) -> list[GenerationOutput]:
+        """Outputs in prompt order. Prompts are text, or token id lists used as given."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        requests = [
+            Request(
+                request_id=f"llm-{next(self._ids)}",
+                prompt_token_ids=tuple(self.engine.encode(p) if isinstance(p, str) else p),
+                params=sp,
+                routing_scope=routing_scope,
+            )
+            for p, sp in zip(prompts, params, strict=True)
+        ]
+        seeds, tokens, texts = {}, {}, {}
+        finish: dict[str, FinishReason] = {}
+        pending = list(reversed(requests))
+        while pending or self.engine.has_unfinished():
+            # Feed the queue up to its bound, so any number of prompts can be given at once.
+            while pending and len(self.engine.batcher.waiting) < self.engine.cfg.max_waiting:
+                r = pending.pop()
+                self.engine.add_request(r)
+                seeds[r.request_id] = self.engine.seqs[r.request_id].seed
+                tokens[r.request_id], texts[r.request_id] = [], []
+            for ev in self.engine.step():
+                tokens[ev.request_id].append(ev.token_id)
+                texts[ev.request_id].append(ev.text)
+                if ev.finish_reason is not None:
+                    finish[ev.request_id] = ev.finish_reason
+                if on_token is not None:
+                    on_token(ev)
+        return [
+            GenerationOutput(r.request_id, r.prompt_token_ids, "".join(texts[r.request_id]),
+                             tokens[r.request_id], finish[r.request_id], seeds[r.request_id])
+            for r in requests
+        ]

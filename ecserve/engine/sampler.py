@@ -1,0 +1,60 @@
+"""Logits -> token ids: greedy, temperature, top-k, top-p, per-request seeded RNG."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from ecserve.types import SamplingParams
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Seq[SamplingParams],
+    generators: Seq[torch.Generator],
+    num_generated: Seq[int],
+    eos_token_id: int | None,
+) -> list[int]:
+    """One token per row of `logits` [M, V] (float32), row i under params[i].
+
+    Each sampled row draws exactly one uniform number from its own generator, so a request's
+    tokens depend only on its seed and its logits, not on what else is in the batch.
+    """
+    logits = logits.float().clone()
+    _mask_early_stops(logits, params, num_generated, eos_token_id)
+    out = logits.argmax(dim=-1)  # [M]: greedy (ties to the lowest id)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        sub = logits[rows] / torch.tensor([params[i].temperature for i in rows])[:, None]
+        sorted_logits, order = torch.sort(sub, dim=-1, descending=True, stable=True)  # [R, V]
+        v = sub.shape[1]
+        rank = torch.arange(v)[None, :]
+        top_k = torch.tensor([params[i].top_k or v for i in rows])[:, None]
+        sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # top-p: keep a token while the mass before it is below p (the first is always kept).
+        top_p = torch.tensor([params[i].top_p for i in rows])[:, None]
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)
+        cdf = torch.cumsum(probs, dim=-1)  # [R, V]
+        u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])  # [R]
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # [R, 1]
+        pick = pick.clamp(max=v - 1)
+        out[rows] = order.gather(1, pick)[:, 0]
+    return out.tolist()
+
+
+def _mask_early_stops(
+    logits: torch.Tensor,
+    params: Seq[SamplingParams],
+    num_generated: Seq[int],
+    eos_token_id: int | None,
+) -> None:
+    """Forbid EOS and stop tokens until a request has its min_new_tokens."""
+    for i, p in enumerate(params):
+        if num_generated[i] < p.min_new_tokens:
+            banned = list(p.stop_token_ids)
+            if eos_token_id is not None and not p.ignore_eos:
+                banned.append(eos_token_id)
+            logits[i, banned] = float("-inf")

@@ -1,0 +1,61 @@
+"""A request's mutable state while the engine serves it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from ecserve.tokenizer import IncrementalDetokenizer
+from ecserve.types import FinishReason, Request
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no KV blocks
+    RUNNING = "running"  # admitted: prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    arrival: int  # engine-wide arrival order; fixes the order of decode tokens in a step
+    scope: str  # routing scope in force: batch | sequence
+    seed: int  # the sampling seed used (the request's, or one drawn for it)
+    generator: torch.Generator  # per-request RNG, seeded with `seed`
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)  # prompt + generated so far
+    num_computed: int = 0  # tokens whose KV entries are written (or scheduled this step)
+    block_table: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.request.prompt_token_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def kv_tokens_needed(self) -> int:
+        """KV entries the whole request can write: every token but the last one generated."""
+        return self.num_prompt + self.request.params.max_new_tokens - 1
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < self.num_prompt

@@ -1,0 +1,32 @@
+"""The repo's kernels/ installs as `ecserve_kernels`, so it and PyPI's unrelated `kernels`
+package never shadow each other in an installed environment."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_kernels_and_pypi_kernels_coexist(tmp_path: Path):
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("ORIGIN = 'pypi'\n")
+    code = (
+        "import kernels, ecserve_kernels, ecserve\n"
+        "assert kernels.ORIGIN == 'pypi', kernels.__file__\n"
+        "assert 'ecserve' in ecserve_kernels.__doc__, ecserve_kernels.__file__\n"
+        "assert not hasattr(ecserve_kernels, 'ORIGIN')\n"
+    )
+    # Run outside the source tree, where an installed environment is what imports see.
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+def test_distribution_installs_no_top_level_kernels():
+    top_level = importlib.metadata.distribution("ecserve").read_text("top_level.txt") or ""
+    assert sorted(top_level.split()) == ["ecserve", "ecserve_kernels"]
+    assert importlib.metadata.entry_points(group="console_scripts", name="ecserve")
