@@ -38,7 +38,8 @@ def test_no_leak_after_finish_and_abort(make_model):
     eng = engine_for(make_model)
     total = eng.blocks.num_blocks
     for i in range(8):
-        eng.add_request(Request(f"r{i}", tuple(range(1, 3 + 7 * i)), SamplingParams(max_new_tokens=5)))
+        prompt = tuple(range(1, 3 + 7 * i))
+        eng.add_request(Request(f"r{i}", prompt, SamplingParams(max_new_tokens=5)))
     eng.step()  # some admitted and prefilling, others waiting
     assert eng.blocks.num_used > 0 and eng.batcher.waiting
     assert eng.abort("r0")  # running, mid-prefill or decoding
