@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -10,11 +11,23 @@ from ecserve.config import SCOPES, ConfigError, EngineConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags mirroring EngineConfig (same names, dashed); unset flags keep its defaults."""
     p.add_argument("--model", help="model directory (default: the embedded default model)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="override the checkpoint's dtype")
+    p.add_argument("--block-size", type=int, help="tokens per KV cache block (16)")
+    p.add_argument("--max-num-seqs", type=int, help="most requests running at once (64)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="most tokens per step (512)")
+    p.add_argument("--max-model-len", type=int, help="longest prompt + output (model's)")
     p.add_argument("--kv-cache-bytes", type=int, help="KV cache size in bytes")
+    p.add_argument("--kv-cache-memory-fraction", type=float,
+                   help="KV cache share of free device memory when no size is given (0.5)")
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,8 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )
-    cfg = EngineConfig(device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_bytes)
-    llm = LLM(args.model, cfg)
+    llm = LLM(args.model, _engine_config(args))
 
     def stream(ev) -> None:
         sys.stdout.write(ev.text)
