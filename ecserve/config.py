@@ -248,12 +248,9 @@ def parse_dataclass(cls: type, data: Any, path: str) -> Any:
 def _parse_value(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"{path}: may not be null")
-        (inner,) = [t for t in options if t is not type(None)]
+        if value is None:  # every union in these configs is `X | None`
+            return None
+        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
         return _parse_value(inner, value, path)
     if dataclasses.is_dataclass(tp):
         return parse_dataclass(tp, value, path)
