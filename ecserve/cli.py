@@ -7,14 +7,14 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from ecserve.config import SCOPES, ConfigError, EngineConfig
+from ecserve.config import DTYPES, SCOPES, ConfigError, EngineConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     """Flags mirroring EngineConfig (same names, dashed); unset flags keep its defaults."""
     p.add_argument("--model", help="model directory (default: the embedded default model)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", choices=DTYPES,
                    help="override the checkpoint's dtype")
     p.add_argument("--block-size", type=int, help="tokens per KV cache block (16)")
     p.add_argument("--max-num-seqs", type=int, help="most requests running at once (64)")

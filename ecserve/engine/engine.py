@@ -20,7 +20,7 @@ from ecserve.engine.runner import ModelRunner, free_memory_bytes, kv_bytes_per_b
 from ecserve.engine.sampler import sample
 from ecserve.engine.sequence import Sequence
 from ecserve.model.default import default_model_dir
-from ecserve.model.weights import DTYPES, load_model, read_config
+from ecserve.model.weights import TORCH_DTYPES, load_model, read_config
 from ecserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 from ecserve.types import Request, StepStats, TokenEvent
 
@@ -69,7 +69,7 @@ class Engine:
             )
         device = torch.device(cfg.device if cfg.device != "auto"
                               else "cuda" if torch.cuda.is_available() else "cpu")
-        dtype = DTYPES[cfg.dtype or mc.dtype]
+        dtype = TORCH_DTYPES[cfg.dtype or mc.dtype]
         model = load_model(self.model_dir, mc, device, dtype)
         num_blocks = self._num_kv_blocks(model, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)

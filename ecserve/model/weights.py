@@ -20,7 +20,7 @@ from ecserve.model.transformer import Transformer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(ValueError):
@@ -113,7 +113,7 @@ def load_model(
     dtype: torch.dtype | None = None,
 ) -> Transformer:
     """Build the model from a checked checkpoint, in `dtype` (default: the config's)."""
-    dtype = dtype or DTYPES[cfg.dtype]
+    dtype = dtype or TORCH_DTYPES[cfg.dtype]
     state = load_state_dict(model_dir, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -129,5 +129,5 @@ def save_model(
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tensors = {k: v.detach().to(DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
+    tensors = {k: v.detach().to(TORCH_DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
     save_file(tensors, model_dir / WEIGHTS_FILE, metadata={"format": "pt"})
