@@ -84,6 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"generate": _generate, "init-model": _init_model}[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:
         print(f"ecserve: error: {e}", file=sys.stderr)
         return 2

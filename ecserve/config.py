@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ class RoutingConfig:
             raise ConfigError(
                 f"{path}.max_experts_per_token must be in [1, num_experts={num_experts}], got {b}"
             )
-        if not 1 <= self.top_k <= num_experts:
+        if self.top_k < 1 or (self.policy == "token_choice" and self.top_k > num_experts):
             raise ConfigError(
                 f"{path}.top_k must be in [1, num_experts={num_experts}], got {self.top_k}"
             )
@@ -199,6 +200,8 @@ class EngineConfig:
     record_steps: bool = False  # debug: keep every step's routing groups and sampled logits
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, DTYPES)
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
@@ -217,6 +220,8 @@ class EngineConfig:
 
 
 def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
@@ -233,14 +238,15 @@ def parse_dataclass(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    dotted = (lambda k: f"{path}.{k}") if path else (lambda k: k)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(dotted, unknown))}")
     required = [n for n, f in fields.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [n for n in required if n not in data]
     if missing:
-        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+        raise ConfigError(f"{where}: missing key(s) {', '.join(map(dotted, missing))}")
     kwargs = {k: _parse_value(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ecserve.config import ConfigError, ModelConfig
@@ -48,6 +48,14 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
+def _open(path: Path):
+    """safe_open, with a corrupt or truncated file reported as a CheckpointError naming it."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def _tensor_files(model_dir: Path) -> dict[str, Path]:
     """Map each stored tensor name to the file holding it."""
     single, index = model_dir / WEIGHTS_FILE, model_dir / INDEX_FILE
@@ -56,13 +64,17 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e})") from e
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
         files = {name: model_dir / shard for name, shard in weight_map.items()}
         absent = sorted({str(p) for p in files.values() if not p.is_file()})
         if absent:
             raise CheckpointError(f"{index} names missing shard file(s): {', '.join(absent)}")
         return files
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open(single) as f:
             return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     raise CheckpointError(
         f"{model_dir}: no weights: expected {WEIGHTS_FILE} or {INDEX_FILE} with shards "
@@ -87,7 +99,7 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig) -> dict[str,
     for name in expected.keys() & files.keys():
         by_file.setdefault(files[name], []).append(name)
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with _open(path) as f:
             stored = set(f.keys())
             for name in sorted(names):
                 if name not in stored:
