@@ -52,8 +52,8 @@ class Batcher:
         """This step's chunks (decode tokens first, then prefill chunks) and routing groups."""
         self._admit()
         budget = self.cfg.max_num_batched_tokens
+        # Every decode token fits: the engine requires max_num_batched_tokens >= max_num_seqs.
         entries = [(s, self._decode_chunk(s)) for s in self.running if not s.is_prefilling]
-        entries = entries[:budget]
         budget -= len(entries)
         for seq in self.running:
             n = self._prefill_len(seq, budget) if seq.is_prefilling else 0
@@ -83,7 +83,7 @@ class Batcher:
             if not self.blocks.can_allocate(seq.kv_tokens_needed):
                 break
             self.waiting.popleft()
-            seq.block_table = self.blocks.allocate(seq.request_id, seq.kv_tokens_needed)
+            seq.block_table = tuple(self.blocks.allocate(seq.request_id, seq.kv_tokens_needed))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
 
@@ -98,9 +98,9 @@ class Batcher:
     def _decode_chunk(self, seq: Sequence) -> ScheduledChunk:
         pos = len(seq.token_ids) - 1
         return ScheduledChunk(seq.request_id, (seq.token_ids[-1],), pos,
-                              tuple(seq.block_table), sample=True)
+                              seq.block_table, sample=True)
 
     def _prefill_chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start = seq.num_computed
         return ScheduledChunk(seq.request_id, tuple(seq.token_ids[start:start + n]), start,
-                              tuple(seq.block_table), sample=start + n == seq.num_prompt)
+                              seq.block_table, sample=start + n == seq.num_prompt)

@@ -27,7 +27,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)  # prompt + generated so far
     num_computed: int = 0  # tokens whose KV entries are written (or scheduled this step)
-    block_table: list[int] = field(default_factory=list)
+    block_table: tuple[int, ...] = ()  # reserved once at admission, never grows
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
 
