@@ -197,6 +197,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.5
     max_waiting: int = 1024  # most requests queued for admission; more are refused
+    max_waiting_tokens: int = 262144  # most prompt tokens queued for admission; more are refused
     record_steps: bool = False  # debug: keep every step's routing groups and sampled logits
 
     def __post_init__(self) -> None:
@@ -204,7 +205,8 @@ class EngineConfig:
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, DTYPES)
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting",
+                     "max_waiting_tokens"):
             _check_positive(name, getattr(self, name))
         if self.max_model_len is not None:
             _check_positive("max_model_len", self.max_model_len)
@@ -214,6 +216,32 @@ class EngineConfig:
             raise ConfigError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC server: where it listens, how it drains, and the limits on what a request asks."""
+
+    host: str = "127.0.0.1"  # listen address; 0.0.0.0 (or [::]) to take outside connections
+    port: int = 50051  # 0: any free port
+    grace_period: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    max_request_bytes: int = 1 << 20  # larger requests: INVALID_ARGUMENT (4x: refused by gRPC)
+    default_max_new_tokens: int = 16  # when a request does not say
+    max_stop_sequences: int = 8
+    max_stop_sequence_length: int = 256  # characters
+    max_top_logprobs: int = 20
+    warmup: bool = True  # run a short generation before reporting SERVING
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if not self.grace_period >= 0:
+            raise ConfigError(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        for name in ("max_request_bytes", "default_max_new_tokens", "max_stop_sequences",
+                     "max_stop_sequence_length"):
+            _check_positive(name, getattr(self, name))
+        if self.max_top_logprobs < 0:
+            raise ConfigError(f"max_top_logprobs must be >= 0, got {self.max_top_logprobs}")
 
 
 # ---------------------------------------------------------------- parsing helpers

@@ -19,7 +19,10 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
     EOS = "eos"  # the model's end-of-sequence token
     STOP_TOKEN = "stop_token"  # one of the request's stop_token_ids
+    STOP_SEQUENCE = "stop_sequence"  # the text reached one of the request's stop_sequences
+    TIME_LIMIT = "time_limit"  # the request's time_limit passed
     ABORTED = "aborted"  # cancelled by the caller
+    ERROR = "error"  # the step running the request failed
 
 
 @dataclass(frozen=True)
@@ -27,13 +30,17 @@ class SamplingParams:
     """How to pick tokens and when to stop. Greedy unless temperature > 0."""
 
     max_new_tokens: int = 16  # most tokens to generate
-    min_new_tokens: int = 0  # EOS and stop tokens are masked out until this many are generated
+    min_new_tokens: int = 0  # EOS, stop tokens and stop sequences wait for this many tokens
     temperature: float = 0.0  # 0: greedy (argmax); > 0 divides the logits before sampling
     top_k: int = 0  # keep the k most likely tokens; 0: all
     top_p: float = 1.0  # keep the smallest set of tokens with this much probability; 1: all
     seed: int | None = None  # per-request RNG seed; None: one is drawn and reported
     stop_token_ids: tuple[int, ...] = ()  # generation ends after any of these (it is kept)
+    stop_sequences: tuple[str, ...] = ()  # generation ends when the text contains one of these
+    include_stop_sequence: bool = False  # keep the matched stop sequence in the text
     ignore_eos: bool = False  # keep going past the model's EOS token
+    time_limit: float | None = None  # seconds from arrival, after which the request stops
+    logprobs: int | None = None  # None: none; n >= 0: the token's logprob and the top n others
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,6 +58,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if any(not s for s in self.stop_sequences):
+            raise ValueError("stop_sequences must not contain an empty string")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -109,13 +122,16 @@ class MoEStats:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One sampled token, streamed back to the caller."""
+    """One sampled token (or a request's end without one), streamed back to the caller."""
 
     request_id: str
-    token_id: int
-    text: str  # the text this token made final (may be "" mid-character)
-    index: int  # 0 for the first generated token
+    token_id: int | None  # None: the request ended without a new token (time limit, error)
+    text: str  # the text this event made final (may be "" mid-character or near a stop string)
+    index: int  # 0 for the first generated token (with token_id None: tokens generated so far)
     finish_reason: FinishReason | None = None  # set on the request's last event
+    logprob: float | None = None  # log-probability of token_id, when the request asked for it
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, logprob), most likely first
+    detail: str = ""  # the matched stop sequence (STOP_SEQUENCE) or the error (ERROR)
 
     @property
     def finished(self) -> bool:

@@ -27,14 +27,25 @@ class Batcher:
         self.unit = 1 if routing.policy == "token_choice" else routing.group_unit(num_experts)
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
+        self.waiting_tokens = 0  # prompt tokens of the waiting requests
         self.running: list[Sequence] = []  # in arrival order
 
-    def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.cfg.max_waiting:
+    def check_room(self, num_requests: int, num_tokens: int) -> None:
+        """Raise QueueFullError unless the waiting queue takes this many more requests/tokens."""
+        if len(self.waiting) + num_requests > self.cfg.max_waiting:
             raise QueueFullError(
                 f"waiting queue full ({self.cfg.max_waiting} requests); retry later"
             )
+        if self.waiting_tokens + num_tokens > self.cfg.max_waiting_tokens:
+            raise QueueFullError(
+                f"waiting queue full ({self.waiting_tokens} of {self.cfg.max_waiting_tokens} "
+                f"prompt tokens queued, this request has {num_tokens}); retry later"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_room(1, seq.num_prompt)
         self.waiting.append(seq)
+        self.waiting_tokens += seq.num_prompt
 
     def remove(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and free its KV blocks."""
@@ -42,6 +53,7 @@ class Batcher:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            self.waiting_tokens -= seq.num_prompt
         self.blocks.free(seq.request_id)
         seq.status = SeqStatus.FINISHED
 
@@ -83,6 +95,7 @@ class Batcher:
             if not self.blocks.can_allocate(seq.kv_tokens_needed):
                 break
             self.waiting.popleft()
+            self.waiting_tokens -= seq.num_prompt
             seq.block_table = tuple(self.blocks.allocate(seq.request_id, seq.kv_tokens_needed))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

@@ -5,6 +5,7 @@ New requests join between steps (continuous batching); the server drives the sam
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -15,15 +16,17 @@ import torch
 from ecserve.config import SCOPES, ConfigError, EngineConfig, ModelConfig
 from ecserve.engine.batcher import Batcher
 from ecserve.engine.kv_cache import BlockManager
-from ecserve.engine.output import append_token
+from ecserve.engine.output import append_token, end_without_token
 from ecserve.engine.runner import ModelRunner, free_memory_bytes, kv_bytes_per_block
-from ecserve.engine.sampler import sample
+from ecserve.engine.sampler import sample, token_logprobs
 from ecserve.engine.sequence import Sequence
+from ecserve.engine.stop import StopMatcher
 from ecserve.model.default import default_model_dir
 from ecserve.model.weights import TORCH_DTYPES, load_model, read_config
 from ecserve.tokenizer import IncrementalDetokenizer, load_tokenizer
-from ecserve.types import Request, StepStats, TokenEvent
+from ecserve.types import FinishReason, Request, StepPlan, StepStats, TokenEvent
 
+log = logging.getLogger(__name__)
 
 class RequestError(ValueError):
     """A request the engine cannot serve as given; the message names the field."""
@@ -51,6 +54,7 @@ class Engine:
     def __init__(self, model_dir: str | Path | None = None, cfg: EngineConfig | None = None):
         self.cfg = cfg = cfg or EngineConfig()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.model_name = self.model_dir.name if model_dir is not None else "default"
         self.model_cfg: ModelConfig = read_config(self.model_dir)
         mc = self.model_cfg
         self.tokenizer = load_tokenizer(self.model_dir, mc.tokenizer, mc.bos_token_id,
@@ -69,8 +73,8 @@ class Engine:
             )
         device = torch.device(cfg.device if cfg.device != "auto"
                               else "cuda" if torch.cuda.is_available() else "cpu")
-        dtype = TORCH_DTYPES[cfg.dtype or mc.dtype]
-        model = load_model(self.model_dir, mc, device, dtype)
+        self.device, self.dtype_name = device, cfg.dtype or mc.dtype
+        model = load_model(self.model_dir, mc, device, TORCH_DTYPES[self.dtype_name])
         num_blocks = self._num_kv_blocks(model, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size)
@@ -102,8 +106,9 @@ class Engine:
 
     def add_request(self, request: Request) -> None:
         """Queue a request; raises RequestError (bad input) or QueueFullError (overload)."""
-        self._validate(request)
-        seed = request.params.seed
+        self.validate(request)
+        p = request.params
+        seed = p.seed
         if seed is None:
             seed = secrets.randbits(63)
         seq = Sequence(
@@ -113,23 +118,32 @@ class Engine:
             seed=seed,
             generator=torch.Generator().manual_seed(seed),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids),
+            stops=StopMatcher(p.stop_sequences, p.include_stop_sequence),
+            deadline=None if p.time_limit is None else time.monotonic() + p.time_limit,
         )
         self.batcher.add(seq)
         self._arrivals += 1
         self.seqs[request.request_id] = seq
 
-    def _validate(self, r: Request) -> None:
+    def validate(self, r: Request) -> None:
+        """Raise RequestError naming the field if the engine cannot serve `r` as given."""
         vocab, p = self.model_cfg.vocab_size, r.params
         if r.request_id in self.seqs:
             raise RequestError(f"request_id {r.request_id!r} is already in use")
         if not r.prompt_token_ids:
             raise RequestError("prompt: empty (a prompt needs at least one token)")
+        if len(r.prompt_token_ids) > self.cfg.max_waiting_tokens:
+            raise RequestError(f"prompt: {len(r.prompt_token_ids)} tokens is more than the queue "
+                               f"takes (max_waiting_tokens={self.cfg.max_waiting_tokens})")
         bad = [t for t in r.prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"prompt: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
         bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"stop_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
+        if p.logprobs is not None and p.logprobs > vocab:
+            raise RequestError(f"logprobs: {p.logprobs} alternatives asked, the vocabulary has "
+                               f"{vocab}")
         if r.routing_scope is not None and r.routing_scope not in SCOPES:
             raise RequestError(f"routing_scope: {r.routing_scope!r} is not one of "
                                f"{', '.join(SCOPES)}")
@@ -148,10 +162,11 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is unknown or already done."""
-        seq = self.seqs.pop(request_id, None)
+        seq = self.seqs.get(request_id)
         if seq is None:
             return False
-        self.batcher.remove(seq)
+        seq.finish_reason = FinishReason.ABORTED
+        self._remove(seq)
         return True
 
     def has_unfinished(self) -> bool:
@@ -160,23 +175,48 @@ class Engine:
     # ---------------------------------------------------------------- the step
 
     def step(self) -> list[TokenEvent]:
-        """Run one forward step over everything scheduled; returns this step's tokens."""
+        """Run one forward step over everything scheduled; returns this step's events."""
         t0 = time.perf_counter()
+        events = self._expire()
         plan = self.batcher.schedule()
         if plan is None:
-            return []
-        logits, moe_stats = self.runner.execute(plan)
+            return events
         seqs = [self.seqs[c.request_id] for c in plan.chunks if c.sample]
-        tokens = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs],
-                        [s.num_generated for s in seqs], self.model_cfg.eos_token_id)
-        events = [append_token(s, t, self.model_cfg.eos_token_id) for s, t in zip(seqs, tokens,
-                                                                                   strict=True)]
+        try:
+            logits, moe_stats = self.runner.execute(plan)
+            params = [s.request.params for s in seqs]
+            tokens = sample(logits, params, [s.generator for s in seqs],
+                            [s.num_generated for s in seqs], self.model_cfg.eos_token_id)
+            logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        except Exception as exc:  # a failed step fails its own requests, not the engine
+            log.exception("step failed; ending its %d requests", len(plan.chunks))
+            return events + self._fail(plan, f"{type(exc).__name__}: {exc}")
+        eos = self.model_cfg.eos_token_id
+        events += [append_token(s, t, eos, lp)
+                   for s, t, lp in zip(seqs, tokens, logprobs, strict=True)]
         for seq in seqs:
             if seq.finish_reason is not None:
-                self.batcher.remove(seq)
-                del self.seqs[seq.request_id]
+                self._remove(seq)
         self.last_stats = StepStats(plan, tuple(moe_stats), time.perf_counter() - t0)
         if self.cfg.record_steps:
             rows = dict(zip((s.request_id for s in seqs), logits, strict=True))
             self.records.append(StepRecord(self.last_stats, rows))
         return events
+
+    def _expire(self) -> list[TokenEvent]:
+        """End the requests whose time limit has passed, before they take a place in a step."""
+        now = time.monotonic()
+        late = [s for s in self.seqs.values() if s.deadline is not None and s.deadline <= now]
+        for seq in late:
+            self._remove(seq)
+        return [end_without_token(s, FinishReason.TIME_LIMIT) for s in late]
+
+    def _fail(self, plan: StepPlan, error: str) -> list[TokenEvent]:
+        failed = [self.seqs[c.request_id] for c in plan.chunks]
+        for seq in failed:
+            self._remove(seq)
+        return [end_without_token(s, FinishReason.ERROR, error) for s in failed]
+
+    def _remove(self, seq: Sequence) -> None:
+        self.batcher.remove(seq)
+        del self.seqs[seq.request_id]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecserve.config import EngineConfig
+from ecserve.engine.batcher import QueueFullError
 from ecserve.engine.engine import Engine
 from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent
 
@@ -57,13 +58,18 @@ class LLM:
         pending = list(reversed(requests))
         while pending or self.engine.has_unfinished():
             # Feed the queue up to its bound, so any number of prompts can be given at once.
-            while pending and len(self.engine.batcher.waiting) < self.engine.cfg.max_waiting:
-                r = pending.pop()
-                self.engine.add_request(r)
+            while pending:
+                r = pending[-1]
+                try:
+                    self.engine.add_request(r)
+                except QueueFullError:
+                    break
+                pending.pop()
                 seeds[r.request_id] = self.engine.seqs[r.request_id].seed
                 tokens[r.request_id], texts[r.request_id] = [], []
             for ev in self.engine.step():
-                tokens[ev.request_id].append(ev.token_id)
+                if ev.token_id is not None:
+                    tokens[ev.request_id].append(ev.token_id)
                 texts[ev.request_id].append(ev.text)
                 if ev.finish_reason is not None:
                     finish[ev.request_id] = ev.finish_reason

@@ -58,3 +58,26 @@ def _mask_early_stops(
             if eos_token_id is not None and not p.ignore_eos:
                 banned.append(eos_token_id)
             logits[i, banned] = float("-inf")
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: Seq[int], top_n: Seq[int | None]
+) -> list[tuple[float, tuple[tuple[int, float], ...]] | None]:
+    """Per row: (logprob of token_ids[i], its top_n[i] most likely (id, logprob)), or None.
+
+    From the model's own distribution (log_softmax of the raw logits, before temperature,
+    top-k/top-p and min_new_tokens masking), as vLLM reports by default.
+    """
+    rows = [i for i, n in enumerate(top_n) if n is not None]
+    out: list[tuple[float, tuple[tuple[int, float], ...]] | None] = [None] * len(top_n)
+    if not rows:
+        return out
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)  # [R, V]
+    chosen = lp.gather(1, torch.tensor([token_ids[i] for i in rows])[:, None])[:, 0].tolist()
+    most = max(top_n[i] or 0 for i in rows)
+    top_lp, top_id = lp.topk(most, dim=-1) if most else (lp[:, :0], lp[:, :0].long())
+    top_lp, top_id = top_lp.tolist(), top_id.tolist()
+    for r, i in enumerate(rows):
+        n = top_n[i] or 0
+        out[i] = (chosen[r], tuple(zip(top_id[r][:n], top_lp[r][:n], strict=True)))
+    return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ecserve.engine.stop import StopMatcher
 from ecserve.tokenizer import IncrementalDetokenizer
 from ecserve.types import FinishReason, Request
 
@@ -25,6 +26,8 @@ class Sequence:
     seed: int  # the sampling seed used (the request's, or one drawn for it)
     generator: torch.Generator  # per-request RNG, seeded with `seed`
     detokenizer: IncrementalDetokenizer
+    stops: StopMatcher  # the request's stop sequences over the detokenized text
+    deadline: float | None = None  # time.monotonic() after which the request stops (time_limit)
     token_ids: list[int] = field(default_factory=list)  # prompt + generated so far
     num_computed: int = 0  # tokens whose KV entries are written (or scheduled this step)
     block_table: tuple[int, ...] = ()  # reserved once at admission, never grows
