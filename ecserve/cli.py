@@ -1,13 +1,16 @@
-"""The `ecserve` command: generate text, or write a model directory."""
+"""The `ecserve` command: serve a model over gRPC, call a server, generate offline."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from ecserve.config import DTYPES, SCOPES, ConfigError, EngineConfig
+from ecserve.config import DTYPES, SCOPES, ConfigError, EngineConfig, ServerConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -23,11 +26,37 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-bytes", type=int, help="KV cache size in bytes")
     p.add_argument("--kv-cache-memory-fraction", type=float,
                    help="KV cache share of free device memory when no size is given (0.5)")
+    p.add_argument("--max-waiting", type=int, help="most requests queued for admission (1024)")
+    p.add_argument("--max-waiting-tokens", type=int,
+                   help="most prompt tokens queued for admission (262144)")
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    """Flags mirroring ServerConfig."""
+    p.add_argument("--host", help="listen address (127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, help="gRPC port (50051; 0: any free port)")
+    p.add_argument("--grace-period", type=float,
+                   help="seconds live requests get to finish after SIGTERM (30)")
+    p.add_argument("--max-request-bytes", type=int, help="largest request message (1 MiB)")
+    p.add_argument("--default-max-new-tokens", type=int,
+                   help="max_new_tokens when a request does not say (16)")
+    p.add_argument("--max-stop-sequences", type=int, help="stop sequences per request (8)")
+    p.add_argument("--max-stop-sequence-length", type=int,
+                   help="characters per stop sequence (256)")
+    p.add_argument("--max-top-logprobs", type=int, help="alternatives per token (20)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
+                   help="report SERVING without a warm-up generation")
+    p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
+
+
+def _config(cls: Any, args: argparse.Namespace) -> Any:
+    """`cls` from the flags named like its fields; unset flags keep its defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    names = {f.name for f in dataclasses.fields(EngineConfig)}
-    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    return _config(EngineConfig, args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +73,29 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, help="sampling seed (default: drawn at random)")
     gen.add_argument("--routing-scope", choices=SCOPES, help="default: the model's")
+
+    srv = sub.add_parser("serve", help="serve the model over gRPC until SIGTERM, then drain")
+    _engine_args(srv)
+    _server_args(srv)
+
+    cli = sub.add_parser("client", help="stream a generation from a server to the terminal")
+    cli.add_argument("prompt", help="the prompt text")
+    _address_arg(cli)
+    cli.add_argument("--max-new-tokens", type=int, help="default: the server's")
+    cli.add_argument("--min-new-tokens", type=int, default=0)
+    cli.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    cli.add_argument("--top-k", type=int, default=0)
+    cli.add_argument("--top-p", type=float)
+    cli.add_argument("--seed", type=int, help="sampling seed (default: drawn by the server)")
+    cli.add_argument("--stop", action="append", default=[], dest="stop_sequences",
+                     help="stop sequence (repeatable)")
+    cli.add_argument("--routing-scope", choices=SCOPES, help="default: the model's")
+    cli.add_argument("--timeout", type=float, help="deadline in seconds")
+
+    hc = sub.add_parser("health", help="exit 0 if the server reports SERVING, else 1")
+    _address_arg(hc)
+    hc.add_argument("--service", default="", help='service to ask about ("": the server)')
+    hc.add_argument("--timeout", type=float, default=5.0, help="seconds (5)")
 
     init = sub.add_parser("init-model", help="write the default model's directory to DIR")
     init.add_argument("dir")
@@ -72,6 +124,49 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT (127.0.0.1:50051)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ecserve.engine.engine import Engine
+    from ecserve.server.app import serve
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_cfg, server_cfg = _engine_config(args), _config(ServerConfig, args)
+    model = args.model or os.environ.get("ECSERVE_MODEL") or None
+    return serve(lambda: Engine(model, engine_cfg), server_cfg)
+
+
+def _client(args: argparse.Namespace) -> int:
+    from ecserve.client import Client
+    from ecserve.v1 import generation_pb2 as pb
+
+    options = {k: getattr(args, k) for k in (
+        "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed",
+        "stop_sequences", "routing_scope")}
+    last = None
+    with Client(args.address, timeout=args.timeout) as client:
+        for last in client.stream(args.prompt, **options):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    if last is not None:
+        print(f"[{last.generated_token_count} tokens, stop: "
+              f"{pb.StopReason.Name(last.stop_reason)}, seed: {last.seed}]", file=sys.stderr)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from ecserve.client import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def _init_model(args: argparse.Namespace) -> int:
     from ecserve.model.default import DEFAULT_SEED, write_model
 
@@ -81,9 +176,16 @@ def _init_model(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import grpc
+
     args = _parser().parse_args(argv)
+    commands = {"generate": _generate, "serve": _serve, "client": _client, "health": _health,
+                "init-model": _init_model}
     try:
-        return {"generate": _generate, "init-model": _init_model}[args.command](args)
-    except (ConfigError, ValueError, OSError) as e:
+        return commands[args.command](args)
+    except grpc.RpcError as e:
+        print(f"ecserve: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (ConfigError, ValueError, OSError, RuntimeError) as e:
         print(f"ecserve: error: {e}", file=sys.stderr)
         return 2

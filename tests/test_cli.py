@@ -133,7 +133,8 @@ def test_bad_flags_exit_2_naming_the_field(model_dir, capsys, args, message):
 
 
 @pytest.mark.parametrize("argv", [
-    [], ["generate"], ["init-model"], ["serve"], ["generate", "x", "--dtype", "float64"],
+    [], ["generate"], ["init-model"], ["client"], ["serve", "--port", "x"],
+    ["generate", "x", "--dtype", "float64"],
     ["generate", "x", "--routing-scope", "global"], ["generate", "x", "--max-new-tokens", "a"],
 ])
 def test_usage_errors_exit_2(argv, capsys):

@@ -1,0 +1,176 @@
+"""The server process: gRPC with health and reflection, model start-up, and the drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ecserve.config import ServerConfig
+from ecserve.engine.engine import Engine
+from ecserve.server.async_engine import AsyncEngine
+from ecserve.server.servicer import SERVICE, GenerationServicer
+from ecserve.types import Request, SamplingParams
+
+log = logging.getLogger("ecserve.server")
+T = TypeVar("T")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """One gRPC server over one engine. `start` binds at once and reports NOT_SERVING while
+    the model loads and warms up; `drain` is the SIGTERM path."""
+
+    def __init__(self, load_engine: Callable[[], Engine], cfg: ServerConfig) -> None:
+        """Construct inside the running event loop (grpc.aio binds the server to it)."""
+        self.cfg = cfg
+        self._load_engine = load_engine
+        self.servicer = GenerationServicer(cfg)
+        self.engine: AsyncEngine | None = None
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+        # Past max_request_bytes the servicer answers INVALID_ARGUMENT naming the field; far
+        # past it gRPC refuses the message itself (RESOURCE_EXHAUSTED) before it is buffered.
+        self.grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", 4 * self.cfg.max_request_bytes),
+        ])
+        self.grpc.add_generic_rpc_handlers([self.servicer.handler()])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc,
+            pool=_MethodAwarePool(descriptor_pool.Default()))
+
+    async def start(self) -> int:
+        """Listen, load the model, warm it up, then report SERVING. Returns the bound port."""
+        await self._set_health(NOT_SERVING)
+        self.port = self.grpc.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        await self.grpc.start()
+        log.info("listening on %s:%d; loading the model", self.cfg.host, self.port)
+        engine = await _in_daemon_thread(self._load_engine)
+        self.engine = AsyncEngine(engine)
+        self.engine.start()
+        if self.cfg.warmup:
+            await self._warmup(self.engine)
+        self.servicer.engine = self.engine
+        await self._set_health(SERVING)
+        log.info("serving model %s on %s:%d", engine.model_name, self.cfg.host, self.port)
+        return self.port
+
+    async def _warmup(self, live: AsyncEngine) -> None:
+        """One short generation, so the first client does not pay for lazy initialisation."""
+        prompt = tuple(live.engine.encode("warm up"))
+        queue = live.submit(Request("warmup", prompt, SamplingParams(max_new_tokens=4, seed=0)))
+        while not (item := await queue.get()).finished:
+            pass
+        log.info("warm-up generation done (%s)", item.finish_reason)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE):  # "" is the whole server, as load balancers probe it
+            await self.health.set(name, status)
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking requests, let live ones finish for up to `grace` seconds, then stop."""
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING from now on
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        live = self.engine
+        if live is not None:
+            log.info("draining %d live requests (grace %.1f s)", live.num_live, grace)
+            while live.num_live and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            if live.num_live:
+                log.warning("grace period over: cancelling %d requests", live.num_live)
+                live.cancel_all()
+        # Handlers that already hold their last event get a moment to send it.
+        await self.grpc.stop(grace=1.0)
+        if live is not None:
+            await live.stop()
+        log.info("drained; stopped")
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` in a daemon thread: unlike the loop's executor, a SIGTERM during a long model
+    load does not have to wait for the load to finish before the process can exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            value = fn()
+        except BaseException as e:
+            loop.call_soon_threadsafe(settle, None, e)
+        else:
+            loop.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=run, name="ecserve-load", daemon=True).start()
+    return await future
+
+
+class _MethodAwarePool:
+    """The descriptor pool as reflection sees it, also finding the file of a service method
+    (python protobuf finds only services), so `grpcurl describe pkg.Service.Method` works."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, name: str) -> Any:  # protobuf's name
+        try:
+            return self._pool.FindFileContainingSymbol(name)
+        except KeyError:
+            service, _, method = name.rpartition(".")
+            if method not in self._pool.FindServiceByName(service).methods_by_name:
+                raise
+            return self._pool.FindFileContainingSymbol(service)
+
+
+def serve(load_engine: Callable[[], Engine], cfg: ServerConfig) -> int:
+    """Run a server until SIGTERM or SIGINT, then drain it; returns the exit code."""
+
+    async def main() -> None:
+        server = Server(load_engine, cfg)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.ensure_future(server.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a failed start (port in use, bad model) raises here
+            await stopped
+        else:
+            starting.cancel()
+        await server.drain(cfg.grace_period)
+
+    _run(main())
+    return 0
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # Windows has no uvloop
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

@@ -1,0 +1,182 @@
+"""Proto messages <-> engine types. Every bad field becomes an InvalidArgument naming it."""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from collections.abc import Callable, Sequence
+
+from google.protobuf.message import DecodeError, Message
+
+from ecserve.config import ServerConfig
+from ecserve.server.wire import bad_utf8_field
+from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent
+from ecserve.v1 import generation_pb2 as pb
+
+
+class InvalidArgument(ValueError):
+    """A request field the server cannot accept; the message starts with the field's name."""
+
+
+SCOPES = {pb.ROUTING_SCOPE_UNSPECIFIED: None, pb.ROUTING_SCOPE_BATCH: "batch",
+          pb.ROUTING_SCOPE_SEQUENCE: "sequence"}
+SCOPE_ENUMS = {v: k for k, v in SCOPES.items() if v is not None}
+STOP_REASONS = {
+    FinishReason.LENGTH: pb.STOP_REASON_MAX_TOKENS,
+    FinishReason.EOS: pb.STOP_REASON_EOS_TOKEN,
+    FinishReason.STOP_SEQUENCE: pb.STOP_REASON_STOP_SEQUENCE,
+    FinishReason.STOP_TOKEN: pb.STOP_REASON_STOP_TOKEN,
+    FinishReason.ABORTED: pb.STOP_REASON_CANCELLED,
+    FinishReason.TIME_LIMIT: pb.STOP_REASON_TIME_LIMIT,
+    FinishReason.ERROR: pb.STOP_REASON_ERROR,
+}
+
+# The engine's messages lead with its own name for a field; clients know the proto's.
+_PROTO_NAMES = {
+    "max_new_tokens": "stopping.max_new_tokens",
+    "min_new_tokens": "stopping.min_new_tokens",
+    "stop_token_ids": "stopping.stop_token_ids",
+    "stop_sequences": "stopping.stop_sequences",
+    "time_limit": "stopping.time_limit_ms",
+    "temperature": "sampling.temperature",
+    "top_k": "sampling.top_k",
+    "top_p": "sampling.top_p",
+    "seed": "sampling.seed",
+    "logprobs": "response.top_logprobs",
+    "routing_scope": "routing_scope",
+}
+
+
+def proto_message(error: str, prompt_as_ids: bool) -> str:
+    """Rewrite an engine error that starts with an engine field name to the proto field's."""
+    names = {**_PROTO_NAMES, "prompt": "prompt_token_ids" if prompt_as_ids else "prompt"}
+    m = re.match(r"\w+", error)
+    if m and m.group() in names:
+        return names[m.group()] + error[m.end():]
+    return error
+
+
+def parse(cls: type[Message], raw: bytes, max_bytes: int) -> Message:
+    """Deserialize a request, naming the field that is too large or not UTF-8."""
+    try:
+        msg = cls.FromString(raw)
+    except DecodeError as e:
+        field = bad_utf8_field(raw, cls.DESCRIPTOR)
+        if field is not None:
+            raise InvalidArgument(f"{field}: not valid UTF-8") from e
+        raise InvalidArgument(f"request: not a valid {cls.DESCRIPTOR.full_name} ({e})") from e
+    if len(raw) > max_bytes:
+        raise InvalidArgument(f"{_largest_field(msg)}: the request is {len(raw)} bytes, over "
+                              f"the server's max_request_bytes={max_bytes}")
+    return msg
+
+
+def _largest_field(msg: Message) -> str:
+    sizes = {}
+    for field, _ in msg.ListFields():
+        alone = type(msg)()
+        alone.MergeFrom(msg)
+        for other, _ in msg.ListFields():
+            if other.name != field.name:
+                alone.ClearField(other.name)
+        sizes[field.name] = alone.ByteSize()
+    return max(sizes, key=sizes.__getitem__, default="request")
+
+
+def to_request(
+    msg: pb.GenerateRequest,
+    request_id: str,
+    encode: Callable[[str], list[int]],
+    cfg: ServerConfig,
+) -> Request:
+    """A GenerateRequest as the engine's Request; raises InvalidArgument naming the field."""
+    if msg.prompt and msg.prompt_token_ids:
+        raise InvalidArgument("prompt: give prompt or prompt_token_ids, not both")
+    if not msg.prompt and not msg.prompt_token_ids:
+        raise InvalidArgument("prompt: empty (give prompt text or prompt_token_ids)")
+    st, sa, resp = msg.stopping, msg.sampling, msg.response
+    if len(st.stop_sequences) > cfg.max_stop_sequences:
+        raise InvalidArgument(f"stopping.stop_sequences: {len(st.stop_sequences)} given, the "
+                              f"server takes at most {cfg.max_stop_sequences}")
+    for i, s in enumerate(st.stop_sequences):
+        if not s:
+            raise InvalidArgument(f"stopping.stop_sequences[{i}]: empty (it would match anywhere)")
+        if len(s) > cfg.max_stop_sequence_length:
+            raise InvalidArgument(
+                f"stopping.stop_sequences[{i}]: {len(s)} characters, the server takes at most "
+                f"{cfg.max_stop_sequence_length}")
+    if resp.top_logprobs > cfg.max_top_logprobs:
+        raise InvalidArgument(f"response.top_logprobs: {resp.top_logprobs} asked, the server "
+                              f"gives at most {cfg.max_top_logprobs}")
+    if resp.top_logprobs and not resp.logprobs:
+        raise InvalidArgument("response.top_logprobs: needs response.logprobs")
+    if msg.routing_scope not in SCOPES:
+        raise InvalidArgument(f"routing_scope: unknown value {msg.routing_scope}")
+    if not math.isfinite(sa.temperature):  # SamplingParams names only its bounds
+        raise InvalidArgument(f"sampling.temperature: must be finite, got {sa.temperature}")
+    try:
+        params = SamplingParams(
+            max_new_tokens=(st.max_new_tokens if st.HasField("max_new_tokens")
+                            else cfg.default_max_new_tokens),
+            min_new_tokens=st.min_new_tokens,
+            temperature=sa.temperature,
+            top_k=sa.top_k,
+            top_p=sa.top_p if sa.HasField("top_p") else 1.0,
+            # Drawn here rather than in the engine so the response can report it.
+            seed=sa.seed if sa.HasField("seed") else secrets.randbits(63),
+            stop_token_ids=tuple(st.stop_token_ids),
+            stop_sequences=tuple(st.stop_sequences),
+            include_stop_sequence=st.include_stop_sequence,
+            ignore_eos=st.ignore_eos,
+            time_limit=st.time_limit_ms / 1000 if st.time_limit_ms else None,
+            logprobs=resp.top_logprobs if resp.logprobs else None,
+        )
+    except ValueError as e:
+        raise InvalidArgument(proto_message(str(e), False)) from e
+    ids = tuple(msg.prompt_token_ids) if msg.prompt_token_ids else tuple(encode(msg.prompt))
+    return Request(request_id, ids, params, SCOPES[msg.routing_scope])
+
+
+class ResponseBuilder:
+    """Turns one request's events into GenerateResponse messages (streamed or all at once)."""
+
+    def __init__(self, request: Request, options: pb.ResponseOptions,
+                 decode: Callable[[Sequence[int]], str]) -> None:
+        self.request = request
+        self.with_tokens = options.token_ids or options.logprobs
+        self.decode = decode
+        self.generated = 0
+        self.finish: FinishReason | None = None
+        self.detail = ""  # the stop sequence or the error message of the last event
+
+    def build(self, events: Sequence[TokenEvent]) -> pb.GenerateResponse:
+        out = pb.GenerateResponse(
+            text="".join(e.text for e in events),
+            input_token_count=len(self.request.prompt_token_ids),
+            seed=self.request.params.seed or 0,
+            request_id=self.request.request_id,
+        )
+        for e in events:
+            if e.token_id is None:
+                continue
+            self.generated += 1
+            if self.with_tokens:
+                out.tokens.append(self._token(e))
+        out.generated_token_count = self.generated
+        last = events[-1] if events else None
+        if last is not None and last.finish_reason is not None:
+            self.finish, self.detail = last.finish_reason, last.detail
+            out.stop_reason = STOP_REASONS[last.finish_reason]
+            if last.finish_reason is FinishReason.STOP_SEQUENCE:
+                out.stop_sequence = last.detail
+        return out
+
+    def _token(self, e: TokenEvent) -> pb.Token:
+        assert e.token_id is not None
+        tok = pb.Token(id=e.token_id, text=self.decode([e.token_id]))
+        if e.logprob is not None:
+            tok.logprob = e.logprob
+            tok.top_logprobs.extend(pb.TopLogprob(id=i, text=self.decode([i]), logprob=lp)
+                                    for i, lp in e.top_logprobs)
+        return tok

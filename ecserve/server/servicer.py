@@ -1,0 +1,171 @@
+"""The GenerationService handlers: decode and validate, hand the engine a Request, stream back.
+
+Requests arrive as raw bytes (the handlers are registered without a deserializer) so a bad
+message is answered with INVALID_ARGUMENT naming its field, not gRPC's generic error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from ecserve.config import ServerConfig
+from ecserve.engine.batcher import QueueFullError
+from ecserve.engine.engine import Engine, RequestError
+from ecserve.server.async_engine import AsyncEngine, Item
+from ecserve.server.convert import (
+    SCOPE_ENUMS,
+    InvalidArgument,
+    ResponseBuilder,
+    parse,
+    proto_message,
+    to_request,
+)
+from ecserve.types import FinishReason, Request
+from ecserve.v1 import generation_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+log = logging.getLogger("ecserve.requests")
+
+
+class GenerationServicer:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.engine: AsyncEngine | None = None  # set once the model is loaded and warm
+        self.draining = False  # set on SIGTERM: refuse new calls, let live ones finish
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        ser = {name: getattr(pb, name).SerializeToString for name in
+               ("GenerateResponse", "TokenizeResponse", "ModelInfoResponse")}
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                self.generate, response_serializer=ser["GenerateResponse"]),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                self.generate_stream, response_serializer=ser["GenerateResponse"]),
+            "Tokenize": grpc.unary_unary_rpc_method_handler(
+                self.tokenize, response_serializer=ser["TokenizeResponse"]),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.model_info, response_serializer=ser["ModelInfoResponse"]),
+        })
+
+    # ------------------------------------------------------------------ generation
+
+    async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        live, request, builder, queue = await self._accept(raw, context)
+        events, done = [], False
+        try:
+            while not done:
+                item = await queue.get()
+                await self._raise_error(item, context)
+                assert not isinstance(item, Exception)
+                events.append(item)
+                done = item.finished
+        finally:
+            if not done:  # cancelled or past its deadline: free the request's blocks
+                live.cancel(request.request_id)
+        response = builder.build(events)
+        self._log(request, builder)
+        if builder.finish is FinishReason.ERROR:
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {builder.detail}")
+        return response
+
+    async def generate_stream(
+        self, raw: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        live, request, builder, queue = await self._accept(raw, context)
+        done = False
+        try:
+            while not done:
+                items = [await queue.get()]
+                while not queue.empty():  # a slow reader gets what piled up in one message
+                    items.append(queue.get_nowait())
+                for item in items:
+                    await self._raise_error(item, context)
+                events = [i for i in items if not isinstance(i, Exception)]
+                done = events[-1].finished
+                yield builder.build(events)
+        finally:
+            if not done:
+                live.cancel(request.request_id)
+        self._log(request, builder)
+        if builder.finish is FinishReason.ERROR:
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {builder.detail}")
+
+    async def _accept(
+        self, raw: bytes, context: grpc.aio.ServicerContext
+    ) -> tuple[AsyncEngine, Request, ResponseBuilder, asyncio.Queue[Item]]:
+        live = await self._refuse_if_not_serving(context)
+        engine = live.engine
+        try:
+            msg = parse(pb.GenerateRequest, raw, self.cfg.max_request_bytes)
+            request = to_request(msg, uuid.uuid4().hex[:16], engine.encode, self.cfg)
+            queue = live.submit(request)
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                proto_message(str(e), bool(msg.prompt_token_ids)))
+        except QueueFullError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        return live, request, ResponseBuilder(request, msg.response, engine.tokenizer.decode), queue
+
+    async def _raise_error(self, item: Item, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(item, Exception):
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {item}")
+
+    def _log(self, request: Request, builder: ResponseBuilder) -> None:
+        log.info("request %s: %d prompt tokens, %d generated, %s", request.request_id,
+                 len(request.prompt_token_ids), builder.generated,
+                 builder.finish.value if builder.finish else "unfinished")
+
+    # ------------------------------------------------------------------ the rest
+
+    async def tokenize(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        engine = (await self._refuse_if_not_serving(context)).engine
+        try:
+            msg = parse(pb.TokenizeRequest, raw, self.cfg.max_request_bytes)
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        ids = engine.encode(msg.text)
+        out = pb.TokenizeResponse(token_ids=ids, token_count=len(ids))
+        if msg.return_tokens:
+            out.tokens.extend(engine.tokenizer.decode([i]) for i in ids)
+        return out
+
+    async def model_info(self, raw: bytes, context: grpc.aio.ServicerContext
+                         ) -> pb.ModelInfoResponse:
+        return model_info((await self._refuse_if_not_serving(context)).engine, self.cfg)
+
+    async def _refuse_if_not_serving(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "server is draining (shutting down); retry on another replica")
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "model is still loading; retry shortly")
+        return self.engine
+
+
+def model_info(engine: Engine, cfg: ServerConfig) -> pb.ModelInfoResponse:
+    mc, r = engine.model_cfg, engine.model_cfg.routing
+    out = pb.ModelInfoResponse(
+        model_name=engine.model_name,
+        model_type=mc.model_type, vocab_size=mc.vocab_size, max_model_len=engine.max_model_len,
+        num_layers=mc.num_layers, moe_layers=list(mc.moe_layers or ()),
+        num_experts=mc.num_experts, routing_policy=r.policy,
+        capacity_factor=r.capacity_factor, group_size=r.group_size,
+        default_routing_scope=SCOPE_ENUMS[r.scope], dtype=engine.dtype_name,
+        device=str(engine.device), max_new_tokens_default=cfg.default_max_new_tokens,
+        max_stop_sequences=cfg.max_stop_sequences,
+        max_stop_sequence_length=cfg.max_stop_sequence_length,
+        max_top_logprobs=cfg.max_top_logprobs, max_request_bytes=cfg.max_request_bytes,
+    )
+    if mc.eos_token_id is not None:
+        out.eos_token_id = mc.eos_token_id
+    if mc.bos_token_id is not None:
+        out.bos_token_id = mc.bos_token_id
+    return out

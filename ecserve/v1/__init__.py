@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for the ecserve.v1 API (protos/generate.py)."""

@@ -1,0 +1,66 @@
+"""Test harness: a real ecserve gRPC server on 127.0.0.1:0, in a thread with its own loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any
+
+from ecserve.client import Client
+from ecserve.config import ServerConfig
+from ecserve.engine.engine import Engine
+from ecserve.server.app import Server
+
+
+class ServerThread:
+    """Start with `with ServerThread(engine) as s:`; `s.client()` talks to it over gRPC."""
+
+    def __init__(self, engine: Engine | Callable[[], Engine], **server_cfg: Any) -> None:
+        self.engine = engine if isinstance(engine, Engine) else None
+        self._load = (lambda: engine) if isinstance(engine, Engine) else engine
+        self.cfg = ServerConfig(host="127.0.0.1", port=0, **server_cfg)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: Server | None = None
+        self.started: Future[int] | None = None
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self.server = self.call(self._make())
+        self.started = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop)
+        self.port = self.started.result(timeout=120)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None and not self.server.servicer.draining:
+            self.drain(grace=5.0)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _make(self) -> Server:
+        return Server(self._load, self.cfg)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self, timeout: float | None = 60) -> Client:
+        return Client(self.address, timeout=timeout)
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
+        """Run `coro` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout)
+
+    def drain(self, grace: float) -> Future[None]:
+        assert self.server is not None
+        return asyncio.run_coroutine_threadsafe(self.server.drain(grace), self.loop)
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 30) -> None:
+        end = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > end:
+                raise TimeoutError("condition not met in time")
+            time.sleep(0.01)

@@ -1,0 +1,83 @@
+"""The README's walkthrough: `ecserve serve` on the embedded model, then grpcurl through
+reflection lists and describes the API, reads health, streams a generation, and gets
+INVALID_ARGUMENT naming the field for a bad request."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+HEALTH = "grpc.health.v1.Health/Check"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def address():
+    port = free_port()
+    proc = subprocess.Popen([BIN / "ecserve", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    addr = f"127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 120
+        while '"SERVING"' not in grpcurl(addr, HEALTH, data="{}").stdout:
+            if proc.poll() is not None or time.monotonic() > end:
+                proc.kill()
+                pytest.fail(f"server did not come up:\n{proc.communicate()[0]}")
+            time.sleep(0.2)
+        yield addr
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0
+
+
+def grpcurl(address: str, *command: str, data: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    flags = ["-d", data] if data is not None else []
+    return subprocess.run([BIN / "grpcurl", "-plaintext", *flags, address, *command],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_list_and_describe_through_reflection(address):
+    listed = grpcurl(address, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {"ecserve.v1.GenerationService", "grpc.health.v1.Health"} <= set(listed.stdout.split())
+    described = grpcurl(address, "describe", "ecserve.v1.GenerationService.GenerateStream")
+    assert described.returncode == 0, described.stderr
+    assert "rpc GenerateStream ( .ecserve.v1.GenerateRequest ) returns ( stream" in (
+        described.stdout)
+
+
+def test_health_and_a_streamed_generation(address):
+    health = grpcurl(address, HEALTH, data='{"service": ""}')
+    assert json.loads(health.stdout) == {"status": "SERVING"}
+    out = grpcurl(address, "ecserve.v1.GenerationService/GenerateStream",
+                  data='{"prompt": "Hello", "stopping": {"max_new_tokens": 4}}')
+    assert out.returncode == 0, out.stderr
+    messages = [json.loads(m) for m in out.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    assert len(messages) == 4
+    assert messages[-1]["stop_reason"] == "STOP_REASON_MAX_TOKENS"
+    assert messages[-1]["generated_token_count"] == 4
+
+
+def test_a_bad_request_names_its_field(address):
+    out = grpcurl(address, "ecserve.v1.GenerationService/Generate",
+                  data='{"prompt": "Hello", "sampling": {"top_p": 1.5}}')
+    assert out.returncode != 0
+    assert "Code: InvalidArgument" in out.stderr
+    assert "Message: sampling.top_p" in out.stderr
