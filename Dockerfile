@@ -1,0 +1,91 @@
+# syntax=docker/dockerfile:1
+#
+# ecserve gRPC server image (needs BuildKit, the default since Docker 23). CPU by default:
+#   docker build -t ecserve .
+# CUDA: torch's CUDA wheels bundle their own CUDA libraries, so the base only needs python3 >= 3.10
+# (installed below with apt when missing; Debian/Ubuntu bases only) and a host driver:
+#   docker build -t ecserve:cu124 \
+#     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 .
+#   docker run --gpus all -p 50051:50051 ecserve:cu124
+#
+# Stopping: SIGTERM drains (health NOT_SERVING, in-flight streams get --grace-period seconds, 30 by
+# default). The runtime's stop timeout must exceed it or streams are cut by SIGKILL: docker stop
+# -t 35, compose stop_grace_period: 35s, Kubernetes terminationGracePeriodSeconds: 35.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS builder
+# torch comes from this index first, so the build gets the CPU or CUDA variant asked for; the
+# default spec takes the index's newest (it must satisfy pyproject's torch>=2.5, or `pip install .`
+# replaces it with PyPI's). Pin with e.g. --build-arg TORCH_SPEC=torch==2.6.0.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_SPEC=torch
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_INPUT=1 \
+    DEBIAN_FRONTEND=noninteractive
+
+# Python bases (the default) skip apt; bare distro bases such as nvidia/cuda get python3 + venv.
+# Package versions follow whichever distro BASE_IMAGE is, so they cannot be pinned here.
+# hadolint ignore=DL3008
+RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# Before the source is copied, so source edits reuse this (large) layer. TORCH_SPEC is the pin
+# (any one fixed version would exclude some index), hence DL3013 is ignored.
+# hadolint ignore=DL3013
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
+
+WORKDIR /src
+COPY . .
+# Bake the embedded default model in, so a container starts without writing to a cache.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install . \
+    && ecserve init-model /opt/ecserve/default-model
+
+
+FROM ${BASE_IMAGE}
+ENV DEBIAN_FRONTEND=noninteractive
+# The venv's python links to the base interpreter, so the runtime needs the same python3.
+# hadolint ignore=DL3008
+RUN if ! command -v python3 >/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3 \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin ecserve
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/ecserve/default-model /opt/ecserve/default-model
+
+# Override the model by mounting a directory and setting ECSERVE_MODEL, or with --model.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    ECSERVE_MODEL=/opt/ecserve/default-model
+
+LABEL org.opencontainers.image.title="ecserve" \
+      org.opencontainers.image.description="gRPC inference server for expert-choice MoE models" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.ecserve.stop-timeout="longer than --grace-period (30s), e.g. docker stop -t 35"
+
+# Numeric, so Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+WORKDIR /home/ecserve
+
+# 50051: gRPC (generation + grpc.health.v1). 9400: Prometheus metrics (--metrics-port).
+EXPOSE 50051 9400
+
+# Probes the in-container port; a container run with another --port needs its own --health-cmd.
+# The generous timeout covers the CLI's start-up (it imports torch).
+HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["ecserve", "health", "--address", "127.0.0.1:50051", "--timeout", "5"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["ecserve"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--grace-period", "30"]
