@@ -29,6 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, help="most requests queued for admission (1024)")
     p.add_argument("--max-waiting-tokens", type=int,
                    help="most prompt tokens queued for admission (262144)")
+    p.add_argument("--expert-timing-every", type=int,
+                   help="time each expert's work alone every Nth step, for metrics (64; 0: off)")
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,12 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-top-logprobs", type=int, help="alternatives per token (20)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="report SERVING without a warm-up generation")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false", default=None,
+                   help="no Prometheus endpoint")
+    p.add_argument("--metrics-host", help="metrics bind address (default: --host's)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (9400; 0: any)")
+    p.add_argument("--expert-metrics", choices=("full", "aggregate", "off"),
+                   help="per-expert series: each expert, summed per layer, or none (full)")
     p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
 
 

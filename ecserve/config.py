@@ -199,6 +199,9 @@ class EngineConfig:
     max_waiting: int = 1024  # most requests queued for admission; more are refused
     max_waiting_tokens: int = 262144  # most prompt tokens queued for admission; more are refused
     record_steps: bool = False  # debug: keep every step's routing groups and sampled logits
+    # Every Nth step, time each expert's work alone for the per-expert latency metric (a
+    # measurement pass beside the real computation: about 1/N of the MoE layers' time); 0: off.
+    expert_timing_every: int = 64
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -210,6 +213,9 @@ class EngineConfig:
             _check_positive(name, getattr(self, name))
         if self.max_model_len is not None:
             _check_positive("max_model_len", self.max_model_len)
+        if not isinstance(self.expert_timing_every, int) or self.expert_timing_every < 0:
+            raise ConfigError(f"expert_timing_every must be an int >= 0, got "
+                              f"{self.expert_timing_every!r}")
         if self.kv_cache_bytes is not None:
             _check_positive("kv_cache_bytes", self.kv_cache_bytes)
         if not 0 < self.kv_cache_memory_fraction <= 1:
@@ -231,10 +237,16 @@ class ServerConfig:
     max_stop_sequence_length: int = 256  # characters
     max_top_logprobs: int = 20
     warmup: bool = True  # run a short generation before reporting SERVING
+    metrics: bool = True  # serve Prometheus metrics over HTTP at /metrics
+    metrics_host: str | None = None  # None: the same address as gRPC
+    metrics_port: int = 9400  # 0: any free port
+    expert_metrics: str = "full"  # per-expert series: full (each) | aggregate (per layer) | off
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        _check_choice("expert_metrics", self.expert_metrics, ("full", "aggregate", "off"))
         if not self.grace_period >= 0:
             raise ConfigError(f"grace_period must be >= 0 seconds, got {self.grace_period}")
         for name in ("max_request_bytes", "default_max_new_tokens", "max_stop_sequences",

@@ -78,6 +78,7 @@ class Request:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     routing_scope: str | None = None  # batch | sequence; None: the model's default
+    arrival_time: float | None = None  # time.monotonic() when it arrived; None: when queued
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class MoEStats:
     tokens_per_expert: torch.Tensor  # int64 [E]: slots filled by real tokens
     gate_sum: torch.Tensor  # float32 [E]: sum of the gates of those tokens
     experts_per_token: torch.Tensor  # int64 [E + 1]: histogram; [0] counts dropped tokens
+    expert_seconds: torch.Tensor | None = None  # float64 [E]: each expert's work timed alone
 
     @property
     def dropped(self) -> int:
@@ -145,3 +147,23 @@ class StepStats:
     plan: StepPlan  # the chunks and routing groups that ran
     moe: tuple[MoEStats, ...]  # per MoE layer, in block order
     seconds: float  # wall time of the step (schedule to events)
+    time_to_first_token: tuple[float, ...] = ()  # arrival -> first token, requests starting now
+    inter_token_latency: tuple[float, ...] = ()  # since the previous token, the other requests
+    num_running: int = 0  # after the step: requests holding KV blocks
+    num_waiting: int = 0  # after the step: requests queued for admission
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """A finished request's timeline (seconds), for the serving metrics."""
+
+    request_id: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    queue_time: float  # arrival -> admitted (or -> the end, if it never was)
+    prefill_time: float | None  # admitted -> first token; None without a token
+    decode_time: float | None  # first token -> last token; None without a token
+    e2e_time: float  # arrival -> finished

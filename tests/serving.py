@@ -21,7 +21,8 @@ class ServerThread:
     def __init__(self, engine: Engine | Callable[[], Engine], **server_cfg: Any) -> None:
         self.engine = engine if isinstance(engine, Engine) else None
         self._load = (lambda: engine) if isinstance(engine, Engine) else engine
-        self.cfg = ServerConfig(host="127.0.0.1", port=0, **server_cfg)
+        self.cfg = ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0,
+                                   **server_cfg})
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: Server | None = None

@@ -53,7 +53,7 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     engine.step()  # both prefill together
     real = engine.runner.execute
 
-    def boom(plan):
+    def boom(plan, *args):
         raise RuntimeError("device fell over")
 
     monkeypatch.setattr(engine.runner, "execute", boom)

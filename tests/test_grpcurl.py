@@ -26,7 +26,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def address():
     port = free_port()
-    proc = subprocess.Popen([BIN / "ecserve", "serve", "--port", str(port)],
+    proc = subprocess.Popen([BIN / "ecserve", "serve", "--port", str(port), "--metrics-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     addr = f"127.0.0.1:{port}"
     try:

@@ -300,10 +300,10 @@ class StepGate:
         self._open = threading.Event()
         real = engine.runner.execute
 
-        def execute(plan):
+        def execute(plan, *args):
             if not self._open.wait(timeout=30):
                 raise TimeoutError("the test never opened the step gate")
-            return real(plan)
+            return real(plan, *args)
 
         monkeypatch.setattr(engine.runner, "execute", execute)
 

@@ -87,12 +87,12 @@ class StepGate:
         self._open = threading.Event()
         real = engine.runner.execute
 
-        def execute(plan):
+        def execute(plan, *args):
             end = time.monotonic() + 30
             while not self._open.is_set() and not self._permits.acquire(timeout=0.01):
                 if time.monotonic() > end:
                     raise TimeoutError("the test never let this step run")
-            return real(plan)
+            return real(plan, *args)
 
         monkeypatch.setattr(engine.runner, "execute", execute)
 
@@ -106,9 +106,9 @@ class StepGate:
 def slow_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     real = engine.runner.execute
 
-    def execute(plan):
+    def execute(plan, *args):
         time.sleep(seconds)
-        return real(plan)
+        return real(plan, *args)
 
     monkeypatch.setattr(engine.runner, "execute", execute)
 
@@ -254,8 +254,8 @@ def test_sigterm_drains_the_server_process(make_model, tmp_path):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--host",
-             "127.0.0.1", "--port", str(port), "--device", "cpu", "--grace-period",
-             str(grace)], stdout=log, stderr=subprocess.STDOUT, env=env)
+             "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--device", "cpu",
+             "--grace-period", str(grace)], stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def log_text() -> str:
         return log_path.read_text()

@@ -36,9 +36,9 @@ def slow_steps(engine: Engine, monkeypatch, seconds: float = 0.005) -> None:
     """Make every step take a while, so a long generation outlasts a short deadline."""
     real = engine.runner.execute
 
-    def execute(plan):
+    def execute(plan, *args):
         time.sleep(seconds)
-        return real(plan)
+        return real(plan, *args)
 
     monkeypatch.setattr(engine.runner, "execute", execute)
 
@@ -164,11 +164,11 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(server, monkey
     real = engine.runner.execute
     fail = threading.Event()
 
-    def execute(plan):
+    def execute(plan, *args):
         if fail.is_set():
             fail.clear()
             raise RuntimeError("simulated device error")
-        return real(plan)
+        return real(plan, *args)
 
     monkeypatch.setattr(engine.runner, "execute", execute)
     with server.client() as c:

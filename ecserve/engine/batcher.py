@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from ecserve.config import EngineConfig, RoutingConfig
@@ -98,6 +99,7 @@ class Batcher:
             self.waiting_tokens -= seq.num_prompt
             seq.block_table = tuple(self.blocks.allocate(seq.request_id, seq.kv_tokens_needed))
             seq.status = SeqStatus.RUNNING
+            seq.admitted_time = time.monotonic()
             self.running.append(seq)
 
     def _prefill_len(self, seq: Sequence, budget: int) -> int:

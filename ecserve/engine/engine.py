@@ -10,6 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -24,7 +25,15 @@ from ecserve.engine.stop import StopMatcher
 from ecserve.model.default import default_model_dir
 from ecserve.model.weights import TORCH_DTYPES, load_model, read_config
 from ecserve.tokenizer import IncrementalDetokenizer, load_tokenizer
-from ecserve.types import FinishReason, Request, StepPlan, StepStats, TokenEvent
+from ecserve.types import (
+    FinishReason,
+    MoEStats,
+    Request,
+    RequestStats,
+    StepPlan,
+    StepStats,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,15 @@ class StepRecord:
             out.append(tokens[i:i + size])
             i += size
         return out
+
+
+class EngineObserver(Protocol):
+    """Receives what the engine did (the metrics exporter is one). Called from the thread that
+    runs the engine; implementations must be quick and thread-safe."""
+
+    def step_done(self, stats: StepStats) -> None: ...
+
+    def request_done(self, stats: RequestStats) -> None: ...
 
 
 class Engine:
@@ -83,6 +101,8 @@ class Engine:
         self._arrivals = 0
         self.last_stats: StepStats | None = None
         self.records: list[StepRecord] = []
+        self.observer: EngineObserver | None = None
+        self._steps = 0
 
     def _num_kv_blocks(self, model: torch.nn.Module, device: torch.device) -> int:
         per_block = kv_bytes_per_block(model, self.cfg.block_size)
@@ -108,6 +128,7 @@ class Engine:
         """Queue a request; raises RequestError (bad input) or QueueFullError (overload)."""
         self.validate(request)
         p = request.params
+        arrival = request.arrival_time if request.arrival_time is not None else time.monotonic()
         seed = p.seed
         if seed is None:
             seed = secrets.randbits(63)
@@ -119,7 +140,8 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids),
             stops=StopMatcher(p.stop_sequences, p.include_stop_sequence),
-            deadline=None if p.time_limit is None else time.monotonic() + p.time_limit,
+            arrival_time=arrival,
+            deadline=None if p.time_limit is None else arrival + p.time_limit,
         )
         self.batcher.add(seq)
         self._arrivals += 1
@@ -182,8 +204,10 @@ class Engine:
         if plan is None:
             return events
         seqs = [self.seqs[c.request_id] for c in plan.chunks if c.sample]
+        every = self.cfg.expert_timing_every
+        self._steps += 1
         try:
-            logits, moe_stats = self.runner.execute(plan)
+            logits, moe_stats = self.runner.execute(plan, every > 0 and self._steps % every == 0)
             params = [s.request.params for s in seqs]
             tokens = sample(logits, params, [s.generator for s in seqs],
                             [s.num_generated for s in seqs], self.model_cfg.eos_token_id)
@@ -194,10 +218,13 @@ class Engine:
         eos = self.model_cfg.eos_token_id
         events += [append_token(s, t, eos, lp)
                    for s, t, lp in zip(seqs, tokens, logprobs, strict=True)]
+        ttft, itl = self._token_times(seqs)
         for seq in seqs:
             if seq.finish_reason is not None:
                 self._remove(seq)
-        self.last_stats = StepStats(plan, tuple(moe_stats), time.perf_counter() - t0)
+        self.last_stats = self._step_stats(plan, moe_stats, time.perf_counter() - t0, ttft, itl)
+        if self.observer is not None:
+            self.observer.step_done(self.last_stats)
         if self.cfg.record_steps:
             rows = dict(zip((s.request_id for s in seqs), logits, strict=True))
             self.records.append(StepRecord(self.last_stats, rows))
@@ -217,6 +244,44 @@ class Engine:
             self._remove(seq)
         return [end_without_token(s, FinishReason.ERROR, error) for s in failed]
 
+    def _token_times(self, seqs: list[Sequence]) -> tuple[list[float], list[float]]:
+        """Stamp this step's tokens; (time to first token, inter-token latency) samples."""
+        now = time.monotonic()
+        ttft, itl = [], []
+        for seq in seqs:
+            if seq.last_token_time is None:
+                seq.first_token_time = now
+                ttft.append(now - seq.arrival_time)
+            else:
+                itl.append(now - seq.last_token_time)
+            seq.last_token_time = now
+        return ttft, itl
+
+    def _step_stats(self, plan: StepPlan, moe: list[MoEStats], seconds: float,
+                    ttft: list[float], itl: list[float]) -> StepStats:
+        return StepStats(
+            plan, tuple(moe), seconds, tuple(ttft), tuple(itl),
+            num_running=len(self.batcher.running), num_waiting=len(self.batcher.waiting),
+            kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
+        )
+
     def _remove(self, seq: Sequence) -> None:
         self.batcher.remove(seq)
         del self.seqs[seq.request_id]
+        if self.observer is not None:
+            self.observer.request_done(request_stats(seq, time.monotonic()))
+
+
+def request_stats(seq: Sequence, now: float) -> RequestStats:
+    """A finished sequence's timeline."""
+    first, last, admitted = seq.first_token_time, seq.last_token_time, seq.admitted_time
+    return RequestStats(
+        request_id=seq.request_id,
+        finish_reason=seq.finish_reason or FinishReason.ABORTED,
+        prompt_tokens=seq.num_prompt,
+        generated_tokens=seq.num_generated,
+        queue_time=(admitted if admitted is not None else now) - seq.arrival_time,
+        prefill_time=None if first is None or admitted is None else first - admitted,
+        decode_time=None if first is None or last is None else last - first,
+        e2e_time=now - seq.arrival_time,
+    )

@@ -49,8 +49,13 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, list[MoEStats]]:
-        """Run the plan; returns float32 logits [M, V] for its sampling chunks, in plan order."""
-        batch = ForwardBatch.from_plan(plan, self.model.cfg, self.block_size, self.device)
+    def execute(
+        self, plan: StepPlan, time_experts: bool = False
+    ) -> tuple[torch.Tensor, list[MoEStats]]:
+        """Run the plan; returns float32 logits [M, V] for its sampling chunks, in plan order.
+
+        With `time_experts`, each MoE layer also times every expert's work alone (metrics)."""
+        batch = ForwardBatch.from_plan(plan, self.model.cfg, self.block_size, self.device,
+                                       time_experts)
         logits, stats = self.model(batch, self.kv)
         return logits.cpu(), stats

@@ -27,6 +27,10 @@ class Sequence:
     generator: torch.Generator  # per-request RNG, seeded with `seed`
     detokenizer: IncrementalDetokenizer
     stops: StopMatcher  # the request's stop sequences over the detokenized text
+    arrival_time: float = 0.0  # time.monotonic() timeline: arrival, admission, tokens
+    admitted_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
     deadline: float | None = None  # time.monotonic() after which the request stops (time_limit)
     token_ids: list[int] = field(default_factory=list)  # prompt + generated so far
     num_computed: int = 0  # tokens whose KV entries are written (or scheduled this step)

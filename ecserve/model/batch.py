@@ -26,6 +26,7 @@ class ForwardBatch:
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [N, head_dim] (None: relative)
     group_bounds: tuple[int, ...]  # routing groups are tokens [b[i], b[i+1])
     logits_index: torch.Tensor  # int64 [M]: tokens whose next-token logits are needed
+    time_experts: bool = False  # also time each expert's work alone (sampled expert metrics)
 
     @property
     def num_tokens(self) -> int:
@@ -33,7 +34,8 @@ class ForwardBatch:
 
     @staticmethod
     def from_plan(
-        plan: StepPlan, cfg: ModelConfig, block_size: int, device: torch.device
+        plan: StepPlan, cfg: ModelConfig, block_size: int, device: torch.device,
+        time_experts: bool = False,
     ) -> ForwardBatch:
         chunks = plan.chunks
         lens = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.long)  # [S]
@@ -92,4 +94,5 @@ class ForwardBatch:
             rope=rope,
             group_bounds=tuple(bounds),
             logits_index=logits_index.to(device),
+            time_experts=time_experts,
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import time
 from collections.abc import Sequence
 
 import torch
@@ -37,7 +39,7 @@ class MoELayer(nn.Module):
         return torch.softmax(F.linear(x.float(), self.router.float(), bias), dim=-1)  # [N, E]
 
     def forward(
-        self, x: torch.Tensor, group_bounds: Sequence[int]
+        self, x: torch.Tensor, group_bounds: Sequence[int], time_experts: bool = False
     ) -> tuple[torch.Tensor, MoEStats]:
         # x: [N, d]; routing groups are the contiguous token ranges [b[i], b[i+1]).
         scores = self.scores(x)  # [N, E]
@@ -52,6 +54,8 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x).float()
         stats = self._stats(idx, gate, x.shape[0], group_bounds)
+        if time_experts:
+            stats = dataclasses.replace(stats, expert_seconds=self.time_experts(x, idx))
         return y.to(x.dtype), stats
 
     def combine(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -67,6 +71,33 @@ class MoELayer(nn.Module):
         # Empty slots add their zero rows to token 0, which changes no bit of its sum.
         y.index_add_(0, idx.clamp(min=0).flatten(), out.flatten(0, 1))
         return y
+
+    @torch.no_grad()
+    def time_experts(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """float64 [E]: seconds each expert's GLU takes on its step's tokens, run alone.
+
+        A measurement pass beside the real (batched) computation, whose result it discards:
+        the served output never depends on whether a step was timed. On CUDA it is timed
+        with events, elsewhere with a wall clock.
+        """
+        cuda = x.device.type == "cuda"
+        out = torch.zeros(idx.shape[0], dtype=torch.float64)
+        for e in range(idx.shape[0]):
+            xs = x[idx[e][idx[e] >= 0]]  # [k_e, d]
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            h = self.act(xs @ self.w_gate[e].T) * (xs @ self.w_up[e].T)
+            _ = h @ self.w_down[e].T
+            if cuda:
+                end.record()
+                end.synchronize()
+                out[e] = start.elapsed_time(end) / 1e3
+            else:
+                out[e] = time.perf_counter() - t0
+        return out
 
     def _stats(
         self, idx: torch.Tensor, gate: torch.Tensor, n: int, group_bounds: Sequence[int]

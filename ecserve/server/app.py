@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ecserve.config import ServerConfig
 from ecserve.engine.engine import Engine
+from ecserve.metrics import Metrics
 from ecserve.server.async_engine import AsyncEngine
 from ecserve.server.servicer import SERVICE, GenerationServicer
 from ecserve.types import Request, SamplingParams
@@ -36,7 +37,9 @@ class Server:
         self._load_engine = load_engine
         self.servicer = GenerationServicer(cfg)
         self.engine: AsyncEngine | None = None
-        self.port = 0
+        self.metrics: Metrics | None = None
+        self._metrics_http: Any = None
+        self.port = self.metrics_port = 0
         self.health = health.aio.HealthServicer()
         # Past max_request_bytes the servicer answers INVALID_ARGUMENT naming the field; far
         # past it gRPC refuses the message itself (RESOURCE_EXHAUSTED) before it is buffered.
@@ -60,10 +63,22 @@ class Server:
         self.engine.start()
         if self.cfg.warmup:
             await self._warmup(self.engine)
+        self._start_metrics(engine)
         self.servicer.engine = self.engine
         await self._set_health(SERVING)
         log.info("serving model %s on %s:%d", engine.model_name, self.cfg.host, self.port)
         return self.port
+
+    def _start_metrics(self, engine: Engine) -> None:
+        """After the warm-up, so its generation is not counted."""
+        if not self.cfg.metrics:
+            return
+        self.metrics = Metrics(engine.model_cfg, str(engine.device), self.cfg.expert_metrics)
+        host = self.cfg.metrics_host or self.cfg.host
+        self._metrics_http, _ = self.metrics.serve(host, self.cfg.metrics_port)
+        self.metrics_port = self._metrics_http.server_port
+        engine.observer = self.servicer.metrics = self.metrics
+        log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
     async def _warmup(self, live: AsyncEngine) -> None:
         """One short generation, so the first client does not pay for lazy initialisation."""
@@ -95,6 +110,9 @@ class Server:
         await self.grpc.stop(grace=1.0)
         if live is not None:
             await live.stop()
+        if self._metrics_http is not None:  # last, so a final scrape sees the drain
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         log.info("drained; stopped")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import time
 from collections.abc import Callable, Sequence
 
 from google.protobuf.message import DecodeError, Message
@@ -135,7 +136,8 @@ def to_request(
     except ValueError as e:
         raise InvalidArgument(proto_message(str(e), False)) from e
     ids = tuple(msg.prompt_token_ids) if msg.prompt_token_ids else tuple(encode(msg.prompt))
-    return Request(request_id, ids, params, SCOPES[msg.routing_scope])
+    return Request(request_id, ids, params, SCOPES[msg.routing_scope],
+                   arrival_time=time.monotonic())
 
 
 class ResponseBuilder:

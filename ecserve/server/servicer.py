@@ -10,12 +10,14 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 
 from ecserve.config import ServerConfig
 from ecserve.engine.batcher import QueueFullError
 from ecserve.engine.engine import Engine, RequestError
+from ecserve.metrics import Metrics
 from ecserve.server.async_engine import AsyncEngine, Item
 from ecserve.server.convert import (
     SCOPE_ENUMS,
@@ -36,6 +38,7 @@ class GenerationServicer:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.engine: AsyncEngine | None = None  # set once the model is loaded and warm
+        self.metrics: Metrics | None = None
         self.draining = False  # set on SIGTERM: refuse new calls, let live ones finish
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -105,12 +108,12 @@ class GenerationServicer:
             request = to_request(msg, uuid.uuid4().hex[:16], engine.encode, self.cfg)
             queue = live.submit(request)
         except InvalidArgument as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                proto_message(str(e), bool(msg.prompt_token_ids)))
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               proto_message(str(e), bool(msg.prompt_token_ids)))
         except QueueFullError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return live, request, ResponseBuilder(request, msg.response, engine.tokenizer.decode), queue
 
     async def _raise_error(self, item: Item, context: grpc.aio.ServicerContext) -> None:
@@ -142,12 +145,19 @@ class GenerationServicer:
 
     async def _refuse_if_not_serving(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "server is draining (shutting down); retry on another replica")
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE,
+                               "server is draining (shutting down); retry on another replica")
         if self.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "model is still loading; retry shortly")
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE,
+                               "model is still loading; retry shortly")
         return self.engine
+
+    async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                      message: str) -> NoReturn:
+        if self.metrics is not None:
+            self.metrics.reject(code.name)
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
 
 
 def model_info(engine: Engine, cfg: ServerConfig) -> pb.ModelInfoResponse:
