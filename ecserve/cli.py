@@ -105,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     hc.add_argument("--service", default="", help='service to ask about ("": the server)')
     hc.add_argument("--timeout", type=float, default=5.0, help="seconds (5)")
 
+    top = sub.add_parser("top", help="watch a server's /metrics: per-expert table, latencies")
+    top.add_argument("--url", default="http://127.0.0.1:9400/metrics",
+                     help="metrics endpoint (http://127.0.0.1:9400/metrics)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes (2)")
+    top.add_argument("--iterations", type=int, help="scrapes before exiting (default: until ^C)")
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--timeout", type=float, default=5.0, help="seconds per scrape (5)")
+
     init = sub.add_parser("init-model", help="write the default model's directory to DIR")
     init.add_argument("dir")
     init.add_argument("--seed", type=int, help="weight seed (default: the embedded model's)")
@@ -183,12 +191,23 @@ def _init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    from ecserve.top import ScrapeError, run
+
+    iterations = 1 if args.once else args.iterations
+    try:
+        return run(args.url, args.interval, iterations, timeout=args.timeout)
+    except ScrapeError as e:
+        print(f"ecserve: error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import grpc
 
     args = _parser().parse_args(argv)
     commands = {"generate": _generate, "serve": _serve, "client": _client, "health": _health,
-                "init-model": _init_model}
+                "init-model": _init_model, "top": _top}
     try:
         return commands[args.command](args)
     except grpc.RpcError as e:
