@@ -9,6 +9,7 @@ whatever the number of layers and experts.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
     start_http_server,
 )
@@ -94,6 +96,16 @@ class Metrics:
                               STEP_BUCKETS, ["device"]).labels(device)
         self.step_tokens = hist("ecserve_step_tokens", "Tokens (decode + prefill) per step.",
                                 POW2_BUCKETS)
+        # Memory, for load tests: the standard process_* series, and the peak, which they lack.
+        ProcessCollector(registry=r)
+        Gauge("ecserve_process_peak_rss_bytes", "Peak resident memory of the server process.",
+              registry=r).set_function(_peak_rss_bytes)
+        if device.startswith("cuda"):
+            import torch
+
+            Gauge("ecserve_device_memory_peak_bytes", "Peak memory torch allocated on the "
+                  "device.", ["device"], registry=r).labels(device).set_function(
+                lambda: torch.cuda.max_memory_allocated(device))
         moe_layers = list(model_cfg.moe_layers or ())
         Gauge("ecserve_device_experts", "Experts placed on the device (all MoE layers).",
               ["device"], registry=r).labels(device).set(len(moe_layers) * model_cfg.num_experts)
@@ -140,6 +152,15 @@ class Metrics:
     def serve(self, host: str, port: int) -> tuple[Any, threading.Thread]:
         """Serve /metrics over HTTP on its own thread; returns (server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+def _peak_rss_bytes() -> float:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB else
 
 
 class RoutingCollector(Collector):

@@ -1,15 +1,20 @@
-"""The engine loop under asyncio: requests join between steps, steps run off the event loop.
+"""The engine loop beside asyncio: one worker thread steps the engine back to back, the event
+loop accepts requests and streams their tokens.
 
-The Engine is not thread-safe, so it is touched in two places only, never at once: between
-steps on the event loop (new requests, cancellations) and during a step in one worker thread.
-gRPC keeps serving (health checks, new calls, sending tokens) while a step computes.
+The Engine is not thread-safe, so only the worker thread touches it: new requests and
+cancellations are handed over through a locked inbox and applied between steps. The worker
+never waits for the event loop, so gRPC work (sending tokens, accepting calls, health checks)
+runs beside the model instead of in the gaps between steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from ecserve.engine.engine import Engine
 from ecserve.types import FinishReason, Request, TokenEvent
@@ -19,46 +24,57 @@ log = logging.getLogger(__name__)
 Item = TokenEvent | Exception  # what a request's queue carries; an Exception ends the request
 
 
+@dataclass
+class _Inbox:
+    """What the event loop hands the worker; guarded by AsyncEngine._lock."""
+
+    requests: list[Request] = field(default_factory=list)
+    tokens: int = 0  # prompt tokens of `requests`
+    cancels: set[str] = field(default_factory=set)
+    stop: bool = False
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ecserve-step")
-        self._pending: list[Request] = []  # accepted, enter the engine before the next step
-        self._pending_tokens = 0
-        self._cancels: set[str] = set()  # to abort before the next step
-        self._streams: dict[str, asyncio.Queue[Item]] = {}  # every live request's events
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()
+        self._inbox = _Inbox()
+        self._work = threading.Event()  # set when the inbox has something
+        self._streams: dict[str, asyncio.Queue[Item]] = {}  # live requests (event loop only)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="ecserve-engine", daemon=True)
 
     @property
     def num_live(self) -> int:
-        """Requests accepted and not finished (pending, waiting or running)."""
+        """Requests accepted and not finished (in the inbox, waiting or running)."""
         return len(self._streams)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="engine-loop")
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        with self._lock:
+            self._inbox.stop = True
+        self._work.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def submit(self, request: Request) -> asyncio.Queue[Item]:
         """Accept a request; raises RequestError (bad input) or QueueFullError (overload).
 
-        Checked here, on the event loop, so the caller gets its answer at once; a step running
-        in the worker only ever shrinks the waiting queue, so the check stays true until the
-        request enters the engine.
+        Checked here, on the event loop, so the caller gets its answer at once. Reading the
+        engine's queue length while the worker steps is safe: a step only shrinks it.
         """
         n = len(request.prompt_token_ids)
         self.engine.validate(request)
-        self.engine.batcher.check_room(len(self._pending) + 1, self._pending_tokens + n)
+        with self._lock:
+            inbox = self._inbox
+            self.engine.batcher.check_room(len(inbox.requests) + 1, inbox.tokens + n)
+            inbox.requests.append(request)
+            inbox.tokens += n
         queue: asyncio.Queue[Item] = asyncio.Queue()
         self._streams[request.request_id] = queue
-        self._pending.append(request)
-        self._pending_tokens += n
-        self._wake.set()
+        self._work.set()
         return queue
 
     def cancel(self, request_id: str, notify: bool = False) -> None:
@@ -67,63 +83,81 @@ class AsyncEngine:
         With `notify` (a server-side cancel) the request's queue gets a final ABORTED event;
         otherwise (the client left) nobody is listening and the queue is dropped now.
         """
-        queue = self._streams.get(request_id) if notify else self._streams.pop(request_id, None)
-        if queue is None:
+        if request_id not in self._streams:
             return
-        self._cancels.add(request_id)
-        self._wake.set()
+        if not notify:
+            del self._streams[request_id]
+        with self._lock:
+            self._inbox.cancels.add(request_id)
+        self._work.set()
 
     def cancel_all(self) -> None:
         for request_id in list(self._streams):
             self.cancel(request_id, notify=True)
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            self._apply()
-            while self.engine.has_unfinished():
-                try:
-                    events = await loop.run_in_executor(self._executor, self.engine.step)
-                except Exception as exc:  # the engine failed outside a model step: a bug
-                    log.exception("engine step failed outside the model; failing live requests")
-                    self._fail_all(exc)
-                    break
-                self._dispatch(events)
-                self._apply()
+    # ---------------------------------------------------------------- worker thread
 
-    def _apply(self) -> None:
-        """Between steps: move accepted requests into the engine, apply cancellations."""
-        pending, self._pending, self._pending_tokens = self._pending, [], 0
-        for request in pending:
-            rid = request.request_id
-            if rid in self._cancels or rid not in self._streams:
-                self._cancels.discard(rid)
-                self._finish_cancelled(rid)
+    def _run(self) -> None:
+        while True:
+            self._work.wait()
+            with self._lock:
+                inbox, self._inbox = self._inbox, _Inbox()
+                self._work.clear()
+            if inbox.stop:
+                return
+            self._apply(inbox)
+            # Step back to back; stop to apply the inbox as soon as something arrives.
+            while self.engine.has_unfinished() and not self._work.is_set():
+                self._step()
+
+    def _apply(self, inbox: _Inbox) -> None:
+        cancelled = []
+        for request in inbox.requests:
+            if request.request_id in inbox.cancels:
+                cancelled.append(request.request_id)
                 continue
             try:
                 self.engine.add_request(request)
             except Exception as exc:  # submit() checked it; defend the loop regardless
-                self._end(rid, exc)
-        cancels, self._cancels = self._cancels, set()
-        for rid in cancels:
-            self.engine.abort(rid)
-            self._finish_cancelled(rid)
+                self._post(self._end, request.request_id, exc)
+        for rid in inbox.cancels:
+            if self.engine.abort(rid):
+                cancelled.append(rid)
+        if cancelled:
+            self._post(self._finish_cancelled, cancelled)
 
-    def _finish_cancelled(self, request_id: str) -> None:
-        queue = self._streams.pop(request_id, None)
-        if queue is not None:  # a server-side cancel: tell the waiting call
-            queue.put_nowait(TokenEvent(request_id, None, "", 0, FinishReason.ABORTED))
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as exc:  # the engine failed outside a model step: a bug
+            log.exception("engine step failed outside the model; failing live requests")
+            for rid in list(self.engine.seqs):
+                self.engine.abort(rid)
+            self._post(self._fail_all, exc)
+            return
+        if events:
+            self._post(self._dispatch, events)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    # ---------------------------------------------------------------- event loop
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:
             queue = self._streams.get(event.request_id)
-            if queue is None:  # cancelled by its client during the step
+            if queue is None:  # cancelled by its client meanwhile
                 continue
             queue.put_nowait(event)
             if event.finished:
                 del self._streams[event.request_id]
+
+    def _finish_cancelled(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            queue = self._streams.pop(rid, None)
+            if queue is not None:  # a server-side cancel: tell the waiting call
+                queue.put_nowait(TokenEvent(rid, None, "", 0, FinishReason.ABORTED))
 
     def _end(self, request_id: str, exc: Exception) -> None:
         queue = self._streams.pop(request_id, None)
@@ -132,5 +166,4 @@ class AsyncEngine:
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id in list(self._streams):
-            self.engine.abort(request_id)
             self._end(request_id, exc)
