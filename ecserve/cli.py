@@ -113,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument("--timeout", type=float, default=5.0, help="seconds per scrape (5)")
 
+    bench = sub.add_parser("bench", help="load-test a server: vLLM's serving metrics, targets",
+                           description="Load-test a server over gRPC (closed or open loop); "
+                           "exit 0, 3 when a target is missed, 1 when the server is down.")
+    from ecserve.loadtest.command import add_arguments as bench_arguments  # light: no grpc
+
+    bench_arguments(bench)
+
     init = sub.add_parser("init-model", help="write the default model's directory to DIR")
     init.add_argument("dir")
     init.add_argument("--seed", type=int, help="weight seed (default: the embedded model's)")
@@ -202,12 +209,18 @@ def _top(args: argparse.Namespace) -> int:
         return 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from ecserve.loadtest.command import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import grpc
 
     args = _parser().parse_args(argv)
     commands = {"generate": _generate, "serve": _serve, "client": _client, "health": _health,
-                "init-model": _init_model, "top": _top}
+                "init-model": _init_model, "top": _top, "bench": _bench}
     try:
         return commands[args.command](args)
     except grpc.RpcError as e:

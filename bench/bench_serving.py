@@ -1,0 +1,140 @@
+"""How much of the model's raw speed the server delivers.
+
+    python bench/bench_serving.py [--json PATH] [--output-len 128] [--requests-per-level 2]
+
+1. Raw: the engine core, no server, stepping a full batch of B decoding sequences (B = 1 and
+   32): B tokens per median decode step. Measured before and after the sweep; the median is used.
+2. Served: `ecserve serve` on the default model in a subprocess, loaded by `ecserve bench`'s
+   closed loop at concurrency 1, 2, 4, ..., 64 (each stream: 16 prompt tokens, --output-len new
+   tokens; output tok/s over the level's whole run, prefill and ramp included).
+
+Prints served(32) / raw(32) (goal >= 0.85) and served(32) / served(1) (goal >= 12x). The load
+generator shares the machine with the server, as a co-located client would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from ecserve.client import Client
+from ecserve.config import EngineConfig
+from ecserve.engine.engine import Engine
+from ecserve.loadtest import LoadTestConfig, run_load_test
+from ecserve.types import Request, SamplingParams
+
+PROMPT_LEN = 16
+LEVELS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def raw_decode_throughput(engine: Engine, batch: int, steps: int) -> float:
+    """Tokens/s of `batch` sequences decoding together (prefill excluded)."""
+    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    for i in range(batch):
+        prompt = tuple((i * 31 + j) % 250 for j in range(PROMPT_LEN))
+        engine.add_request(Request(f"raw-{batch}-{time.monotonic_ns()}-{i}", prompt, params))
+    engine.step()  # the prefill, and every sequence's first token
+    times = []
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "ecserve", "serve", "--port", str(port), "--metrics-port", "0",
+           "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd)
+    end = time.monotonic() + 120
+    with Client(f"127.0.0.1:{port}", timeout=2) as client:
+        while True:
+            try:
+                if client.health() == "SERVING":
+                    return proc
+            except grpc.RpcError:
+                pass
+            if proc.poll() is not None or time.monotonic() > end:
+                proc.kill()
+                raise SystemExit("the server did not start")
+            time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the sweep and the ratios here")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--requests-per-level", type=int, default=2,
+                        help="requests per stream at each concurrency level")
+    args = parser.parse_args()
+
+    engine = Engine(None, EngineConfig(device="cpu"))
+    raw: dict[int, list[float]] = {1: [], 32: []}
+
+    def measure_raw() -> None:
+        for batch in raw:
+            raw[batch].append(raw_decode_throughput(engine, batch, args.output_len))
+
+    measure_raw()
+    port = free_port()
+    server = start_server(port)
+    sweep = []
+    try:
+        for c in LEVELS:
+            cfg = LoadTestConfig(
+                address=f"127.0.0.1:{port}", concurrency=c, input_len=PROMPT_LEN,
+                output_len=args.output_len, num_requests=c * args.requests_per_level,
+                warmup_requests=c, duration=600, seed=0,
+            )
+            m = run_load_test(cfg, progress=False).metrics
+            sweep.append({"concurrency": c, **{k: m[k] for k in (
+                "completed", "failed", "output_throughput", "median_ttft_ms", "median_itl_ms",
+                "p99_itl_ms")}})
+            print(f"concurrency {c:3d}: {m['output_throughput']:8.1f} tok/s, median ITL "
+                  f"{m['median_itl_ms']:.2f} ms, failed {m['failed']}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    measure_raw()
+
+    served = {row["concurrency"]: row["output_throughput"] for row in sweep}
+    raw_med = {b: statistics.median(v) for b, v in raw.items()}
+    result = {
+        "served_over_raw_at_32": served[32] / raw_med[32],
+        "scaling_32_over_1": served[32] / served[1],
+        "raw_decode_tok_s": {str(b): v for b, v in raw_med.items()},
+        "raw_decode_tok_s_runs": {str(b): v for b, v in raw.items()},
+        "sweep": sweep,
+        "config": {"model": "default", "prompt_len": PROMPT_LEN, "output_len": args.output_len,
+                   "requests_per_level": args.requests_per_level, "dtype": "float32"},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "grpcio": grpc.__version__},
+    }
+    print(f"\nraw decode (no server): batch 1 {raw_med[1]:.1f} tok/s, batch 32 "
+          f"{raw_med[32]:.1f} tok/s")
+    print(f"served(32) / raw(32) = {result['served_over_raw_at_32']:.3f}   (goal >= 0.85)")
+    print(f"served(32) / served(1) = {result['scaling_32_over_1']:.2f}x   (goal >= 12x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

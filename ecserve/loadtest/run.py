@@ -1,0 +1,110 @@
+"""run_load_test: check the server, warm up, run the measured phase, compute the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import sys
+import time
+
+import grpc
+
+from ecserve.loadtest.config import LoadTestConfig
+from ecserve.loadtest.environment import MemoryWatch, default_metrics_url
+from ecserve.loadtest.progress import Progress
+from ecserve.loadtest.records import LoadTestResult
+from ecserve.loadtest.runner import Phase, ServerUnreachable
+from ecserve.loadtest.stats import calculate_metrics, errors_by_code
+from ecserve.loadtest.workload import ModelLimits, build_workload
+from ecserve.v1 import generation_pb2 as pb
+from ecserve.v1 import generation_pb2_grpc as pb_grpc
+
+
+def run_load_test(cfg: LoadTestConfig, progress: bool | None = None) -> LoadTestResult:
+    """Run `cfg` to the end in an event loop of its own (uvloop when installed).
+
+    Raises ValueError for a bad config (or lengths past the server's max_model_len) and
+    ServerUnreachable when the server does not answer ModelInfo within cfg.connect_timeout.
+    `progress`: draw the progress bar on stderr (default: cfg.progress)."""
+    cfg.validate()
+    show = cfg.progress if progress is None else progress
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_main(cfg, show))
+    return uvloop.run(_main(cfg, show))
+
+
+async def _main(cfg: LoadTestConfig, show: bool) -> LoadTestResult:
+    from google.protobuf.json_format import MessageToDict
+
+    async with grpc.aio.insecure_channel(cfg.address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        try:
+            info = await stub.ModelInfo(pb.ModelInfoRequest(), timeout=cfg.connect_timeout)
+        except grpc.aio.AioRpcError as e:
+            raise ServerUnreachable(f"cannot reach server at {cfg.address}: "
+                                    f"{e.code().name} {e.details()}") from None
+        limits = ModelLimits(
+            info.vocab_size, info.max_model_len,
+            info.bos_token_id if info.HasField("bos_token_id") else None,
+            info.eos_token_id if info.HasField("eos_token_id") else None)
+        specs = build_workload(cfg, limits, cfg.warmup_requests + cfg.num_requests)
+        warm, measured = specs[:cfg.warmup_requests], specs[cfg.warmup_requests:]
+        warmup_failed = 0
+        if warm:
+            bar = _bar(show, len(warm), "warmup")
+            phase = Phase(stub, cfg, warm, bar, time.perf_counter() + cfg.duration)
+            await phase.run(open_loop=False, workers=1 if cfg.open_loop else cfg.workers)
+            warmup_failed = phase.failed
+            _close(bar, phase)
+
+        url = cfg_metrics_url(cfg)
+        watch = MemoryWatch(url)
+        await asyncio.to_thread(watch.sample)
+        sampler = asyncio.ensure_future(_sample_every(watch, 1.0))
+        start_time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        bar = _bar(show, len(measured), "bench")
+        phase = Phase(stub, cfg, measured, bar, time.perf_counter() + cfg.duration)
+        try:
+            await phase.run(cfg.open_loop, cfg.workers)
+        finally:
+            _close(bar, phase)
+            sampler.cancel()
+        duration = max((r.end for r in phase.records), default=time.perf_counter() - phase.t0)
+        await asyncio.to_thread(watch.sample)
+
+    return LoadTestResult(
+        metrics={**calculate_metrics(phase.records, duration, cfg.goodput),
+                 "max_in_flight": phase.max_in_flight},
+        errors=errors_by_code(phase.records), requests=phase.records, sent=len(phase.records),
+        max_in_flight=phase.max_in_flight, start_time=start_time, stopped_by=phase.stopped_by,
+        warmup_failed=warmup_failed,
+        model_info=MessageToDict(info, preserving_proto_field_name=True,
+                                 always_print_fields_with_no_presence=True),
+        server_memory=watch.summary(),
+    )
+
+
+def cfg_metrics_url(cfg: LoadTestConfig) -> str | None:
+    """cfg.metrics_url; None: http://HOST:9400/metrics; "": do not scrape."""
+    if cfg.metrics_url is None:
+        return default_metrics_url(cfg.address)
+    return cfg.metrics_url or None
+
+
+async def _sample_every(watch: MemoryWatch, seconds: float) -> None:
+    while watch.reachable:
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(watch.sample)
+
+
+def _bar(show: bool, total: int, label: str) -> Progress | None:
+    return Progress(total, label, sys.stderr) if show else None
+
+
+def _close(bar: Progress | None, phase: Phase) -> None:
+    if bar is not None:
+        bar.update(phase.done, phase.failed, phase.in_flight, force=True)
+        bar.close()
+

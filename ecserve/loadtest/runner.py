@@ -1,0 +1,166 @@
+"""The load generator: grpc.aio streams in a closed or open loop, one record per request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from ecserve.client import build_request
+from ecserve.loadtest.config import LoadTestConfig
+from ecserve.loadtest.progress import Progress
+from ecserve.loadtest.records import RequestRecord
+from ecserve.loadtest.workload import RequestSpec, arrival_offsets
+from ecserve.v1 import generation_pb2 as pb
+
+_FAILED_STOPS = ("STOP_REASON_CANCELLED", "STOP_REASON_ERROR")
+
+
+def request_message(spec: RequestSpec, cfg: LoadTestConfig, index: int) -> pb.GenerateRequest:
+    """A stream that yields exactly spec.output_len tokens (EOS ignored), no token ids back."""
+    return build_request(spec.prompt, max_new_tokens=spec.output_len, ignore_eos=True,
+                         token_ids=False, temperature=cfg.temperature,
+                         seed=cfg.seed + index if cfg.temperature else None,
+                         routing_scope=cfg.routing_scope)
+
+
+class ServerUnreachable(RuntimeError):
+    """The ModelInfo call at the start failed: nothing is measured."""
+
+
+class Phase:
+    """Sends one list of requests (the warm-up, or the measured run) and records them."""
+
+    def __init__(self, stub: Any, cfg: LoadTestConfig, specs: Sequence[RequestSpec],
+                 progress: Progress | None, stop_at: float) -> None:
+        self.stub, self.cfg, self.specs, self.progress = stub, cfg, specs, progress
+        self.stop_at = stop_at  # perf_counter time after which nothing more is sent
+        self.t0 = time.perf_counter()
+        self.records: list[RequestRecord] = []
+        self.live: set[asyncio.Task[None]] = set()
+        self.task_records: dict[asyncio.Task[None], RequestRecord] = {}
+        self.slots = asyncio.Semaphore(cfg.max_in_flight)
+        self.in_flight = self.max_in_flight = self.done = self.failed = 0
+        self.stopped_by = "num_requests"
+        self.all_sent = asyncio.Event()
+
+    def _may_send(self) -> bool:
+        if len(self.records) >= len(self.specs):
+            return False
+        if time.perf_counter() >= self.stop_at:
+            self.stopped_by = "duration"
+            self.all_sent.set()
+            return False
+        return True
+
+    def _launch(self) -> asyncio.Task[None]:
+        """Send the next request now (the caller holds a slot, released when it ends)."""
+        i = len(self.records)
+        spec = self.specs[i]
+        rec = RequestRecord(i, spec.input_len, spec.output_len)
+        self.records.append(rec)
+        task = asyncio.ensure_future(self._request(spec, rec))
+        self.live.add(task)
+        self.task_records[task] = rec
+        task.add_done_callback(self.live.discard)
+        if len(self.records) == len(self.specs):
+            self.all_sent.set()
+        return task
+
+    async def _request(self, spec: RequestSpec, rec: RequestRecord) -> None:
+        req = request_message(spec, self.cfg, rec.index)
+        st = time.perf_counter()
+        rec.start = st - self.t0
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        call = self.stub.GenerateStream(req, timeout=self.cfg.timeout)
+        count, last = 0, st
+        try:
+            async for msg in call:
+                now = time.perf_counter()
+                if msg.input_token_count:
+                    rec.input_len = msg.input_token_count
+                if msg.stop_reason:
+                    rec.stop_reason = pb.StopReason.Name(msg.stop_reason)
+                new = msg.generated_token_count - count
+                if new > 0:
+                    if count == 0:
+                        rec.ttft = now - st
+                    else:
+                        rec.itl.append(now - last)
+                    last, count = now, msg.generated_token_count
+                    rec.chunk_times.append(now - self.t0)
+                    rec.chunk_tokens.append(new)
+            rec.output_tokens, rec.latency = count, last - st
+            if rec.stop_reason in _FAILED_STOPS or count == 0:
+                rec.error = rec.stop_reason or "NO_TOKENS"
+            else:
+                rec.success = True
+        except grpc.aio.AioRpcError as e:
+            rec.error, rec.detail = e.code().name, e.details() or ""
+        except asyncio.CancelledError:
+            call.cancel()
+            if not rec.cancelled_by_us:
+                raise
+            rec.error, rec.detail = "CANCELLED", "still running when the drain timeout ran out"
+        except Exception as e:  # anything else still counts, so sent = succeeded + failed
+            call.cancel()
+            rec.error, rec.detail = "CLIENT_ERROR", f"{type(e).__name__}: {e}"
+        finally:
+            rec.end = time.perf_counter() - self.t0
+            self.in_flight -= 1
+            self.done += 1
+            self.failed += not rec.success
+            self.slots.release()
+            if self.progress is not None:
+                self.progress.update(self.done, self.failed, self.in_flight)
+
+    async def _closed_worker(self) -> None:
+        while True:
+            await self.slots.acquire()
+            if not self._may_send():
+                self.slots.release()
+                return
+            await self._launch()
+
+    async def _open_issuer(self) -> None:
+        rate = self.cfg.request_rate
+        assert rate is not None
+        for offset in arrival_offsets(rate, self.cfg.burstiness, self.cfg.seed):
+            delay = self.t0 + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(min(delay, max(self.stop_at - time.perf_counter(), 0)))
+            await self.slots.acquire()  # --max-in-flight: wait for a request to end
+            if not self._may_send():
+                self.slots.release()
+                return
+            self._launch()
+
+    async def run(self, open_loop: bool, workers: int) -> None:
+        self.t0 = time.perf_counter()
+        if open_loop:
+            senders = [asyncio.ensure_future(self._open_issuer())]
+        else:
+            senders = [asyncio.ensure_future(self._closed_worker()) for _ in range(workers)]
+        try:
+            await asyncio.wait_for(self.all_sent.wait(), self.stop_at - time.perf_counter())
+        except asyncio.TimeoutError:
+            self.stopped_by = "duration"
+        self.stop_at = min(self.stop_at, time.perf_counter())  # senders send nothing more
+        if self.live:
+            await asyncio.wait(set(self.live), timeout=self.cfg.drain_timeout)
+        for task in list(self.live):
+            self.task_records[task].cancelled_by_us = True
+            task.cancel()
+        if self.live:
+            await asyncio.wait(set(self.live))
+        for s in senders:  # every request has ended, so no sender is awaiting one
+            s.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        for rec in self.records:  # cancelled before its first step: never sent a byte
+            if not rec.success and rec.error is None:
+                rec.error, rec.detail = "CANCELLED", "cancelled before it started"
+                rec.end = time.perf_counter() - self.t0
