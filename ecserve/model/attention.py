@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecserve.config import ModelConfig
-from ecserve.model.batch import ForwardBatch
+from ecserve.model.batch import AttentionRuns, ForwardBatch
 from ecserve.model.layers import apply_rope
 
 
@@ -56,14 +56,20 @@ class Attention(nn.Module):
         q, k, v = self.project(x, batch.rope)
         kv.k[batch.slot_mapping] = k
         kv.v[batch.slot_mapping] = v
-        qp = q[batch.q_index].transpose(1, 2)  # [S, H, Q, hd]
-        kp = kv.k[batch.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]
-        vp = kv.v[batch.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]
-        mask: torch.Tensor = batch.attn_mask  # [S, 1, Q, L]
+        out = torch.empty_like(q)  # [N, H, hd]
+        for runs in batch.attention:
+            out[runs.tokens] = self.attend(q, kv, runs)
+        return F.linear(out.reshape(x.shape[0], -1), self.wo)
+
+    def attend(self, q: torch.Tensor, kv: LayerKV, runs: AttentionRuns) -> torch.Tensor:
+        """One bucket of runs: q [N, H, hd] -> [n, H, hd] for runs.tokens."""
+        qp = q[runs.q_index].transpose(1, 2)  # [S, H, Q, hd]
+        kp = kv.k[runs.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]
+        vp = kv.v[runs.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]
+        mask: torch.Tensor = runs.attn_mask  # [S, 1, Q, L]
         if self.rel_bias is not None:
-            assert batch.rel_buckets is not None
-            bias = self.rel_bias[batch.rel_buckets].permute(0, 3, 1, 2)  # [S, H, Q, L]
+            assert runs.rel_buckets is not None
+            bias = self.rel_bias[runs.rel_buckets].permute(0, 3, 1, 2)  # [S, H, Q, L]
             mask = bias.to(q.dtype).masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
-        out = out.transpose(1, 2)[batch.q_valid]  # [N, H, hd]
-        return F.linear(out.reshape(x.shape[0], -1), self.wo)
+        return out.transpose(1, 2)[runs.q_valid]  # [n, H, hd]

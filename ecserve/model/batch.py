@@ -12,17 +12,30 @@ from ecserve.types import StepPlan
 
 
 @dataclass(frozen=True)
+class AttentionRuns:
+    """Sequences whose query runs are padded to one length and attended together.
+
+    A step mixes 1-token decode runs with long prefill chunks; padding them all to the longest
+    would multiply the attention work, so runs are bucketed by length (decode runs together,
+    prefill chunks by power-of-two length).
+    """
+
+    tokens: torch.Tensor  # int64 [n]: the step tokens these queries are, in q_valid order
+    q_index: torch.Tensor  # int64 [S, Q]: token of query j of run s (padding: 0)
+    q_valid: torch.Tensor  # bool [S, Q]: real queries; runs are in token order, so [q_valid] unpads
+    kv_slots: torch.Tensor  # int64 [S, L]: KV slot of key position j (padding: position 0's slot)
+    attn_mask: torch.Tensor  # bool [S, 1, Q, L]: causal and within the sequence's length
+    rel_buckets: torch.Tensor | None  # int64 [S, Q, L]: relative_bias buckets (None for rope)
+
+
+@dataclass(frozen=True)
 class ForwardBatch:
     """The step's N tokens, laid out as S sequences' contiguous runs, in routing-group order."""
 
     input_ids: torch.Tensor  # int64 [N]
     positions: torch.Tensor  # int64 [N]: position of each token in its sequence
     slot_mapping: torch.Tensor  # int64 [N]: flat KV cache slot each new token writes
-    q_index: torch.Tensor  # int64 [S, Q]: token of query j of sequence s (padding: 0)
-    q_valid: torch.Tensor  # bool [S, Q]: real queries; runs are in token order, so [q_valid] unpads
-    kv_slots: torch.Tensor  # int64 [S, L]: KV slot of key position j (padding: position 0's slot)
-    attn_mask: torch.Tensor  # bool [S, 1, Q, L]: causal and within the sequence's length
-    rel_buckets: torch.Tensor | None  # int64 [S, Q, L]: relative_bias buckets (None for rope)
+    attention: tuple[AttentionRuns, ...]  # every run, in one bucket each
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [N, head_dim] (None: relative)
     group_bounds: tuple[int, ...]  # routing groups are tokens [b[i], b[i+1])
     logits_index: torch.Tensor  # int64 [M]: tokens whose next-token logits are needed
@@ -41,35 +54,21 @@ class ForwardBatch:
         lens = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.long)  # [S]
         starts = torch.tensor([c.start_pos for c in chunks], dtype=torch.long)  # [S]
         q_offsets = torch.cumsum(lens, 0) - lens  # [S]: first token of each run
-        ctx = starts + lens  # [S]: keys visible after this step
-        q_max, l_max = int(lens.max()), int(ctx.max())
-        n_blocks = max(len(c.block_table) for c in chunks)
-        tables = torch.zeros(len(chunks), n_blocks, dtype=torch.long)  # [S, B]
-        for s, c in enumerate(chunks):
-            tables[s, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.long)
-
-        j_q = torch.arange(q_max)  # [Q]
-        q_valid = j_q[None, :] < lens[:, None]  # [S, Q]
-        q_pos = torch.where(q_valid, starts[:, None] + j_q[None, :], 0)  # [S, Q]
-        q_index = torch.where(q_valid, q_offsets[:, None] + j_q[None, :], 0)  # [S, Q]
-        j_k = torch.arange(l_max)  # [L]
-        k_valid = j_k[None, :] < ctx[:, None]  # [S, L]
-        block_of = (j_k // block_size).clamp(max=n_blocks - 1).expand(len(chunks), -1)  # [S, L]
-        slots = tables.gather(1, block_of)
-        slots = slots * block_size + (j_k % block_size)[None, :]  # [S, L]
-        kv_slots = torch.where(k_valid, slots, slots[:, :1])
-        # Padded queries sit at position 0 and see key 0, so no softmax row is empty.
-        attn_mask = (j_k[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [S, Q, L]
-
-        positions = q_pos[q_valid]  # [N]
-        slot_mapping = slots.gather(1, q_pos)[q_valid]  # [N]
-        rel = None
-        if cfg.position_encoding == "relative_bias":
-            rel = relative_position_bucket(
-                q_pos[:, :, None] - j_k[None, None, :],
-                cfg.relative_attention_num_buckets,
-                cfg.relative_attention_max_distance,
-            ).to(device)
+        n = int(lens.sum())
+        positions = torch.empty(n, dtype=torch.long)  # [N]
+        slot_mapping = torch.empty(n, dtype=torch.long)  # [N]
+        buckets: dict[int, list[int]] = {}
+        for s, length in enumerate(lens.tolist()):
+            buckets.setdefault((length - 1).bit_length(), []).append(s)  # 1 | 2 | 3-4 | 5-8 ...
+        runs = []
+        for members in buckets.values():
+            sel = torch.tensor(members, dtype=torch.long)
+            tables = [chunks[s].block_table for s in members]
+            run, tokens, pos, slots = _attention_runs(lens[sel], starts[sel], q_offsets[sel],
+                                                      tables, cfg, block_size, device)
+            positions[tokens] = pos
+            slot_mapping[tokens] = slots
+            runs.append(run)
         rope = None
         if cfg.position_encoding == "rope":
             assert cfg.head_dim is not None
@@ -86,13 +85,57 @@ class ForwardBatch:
             input_ids=ids.to(device),
             positions=positions.to(device),
             slot_mapping=slot_mapping.to(device),
-            q_index=q_index.to(device),
-            q_valid=q_valid.to(device),
-            kv_slots=kv_slots.to(device),
-            attn_mask=attn_mask[:, None].to(device),
-            rel_buckets=rel,
+            attention=tuple(runs),
             rope=rope,
             group_bounds=tuple(bounds),
             logits_index=logits_index.to(device),
             time_experts=time_experts,
         )
+
+
+def _attention_runs(
+    lens: torch.Tensor,  # int64 [S]: tokens of each run
+    starts: torch.Tensor,  # int64 [S]: position of each run's first token
+    q_offsets: torch.Tensor,  # int64 [S]: each run's first token in the step
+    block_tables: list[tuple[int, ...]],
+    cfg: ModelConfig,
+    block_size: int,
+    device: torch.device,
+) -> tuple[AttentionRuns, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One bucket's padded attention layout; its tokens (on the CPU), their positions and KV
+    slots."""
+    ctx = starts + lens  # [S]: keys visible after this step
+    q_max, l_max = int(lens.max()), int(ctx.max())
+    n_blocks = max(len(t) for t in block_tables)
+    tables = torch.zeros(len(block_tables), n_blocks, dtype=torch.long)  # [S, B]
+    for s, t in enumerate(block_tables):
+        tables[s, : len(t)] = torch.tensor(t, dtype=torch.long)
+    j_q = torch.arange(q_max)  # [Q]
+    q_valid = j_q[None, :] < lens[:, None]  # [S, Q]
+    q_pos = torch.where(q_valid, starts[:, None] + j_q[None, :], 0)  # [S, Q]
+    q_index = torch.where(q_valid, q_offsets[:, None] + j_q[None, :], 0)  # [S, Q]
+    j_k = torch.arange(l_max)  # [L]
+    k_valid = j_k[None, :] < ctx[:, None]  # [S, L]
+    block_of = (j_k // block_size).clamp(max=n_blocks - 1).expand(len(block_tables), -1)
+    slots = tables.gather(1, block_of)  # [S, L]
+    slots = slots * block_size + (j_k % block_size)[None, :]  # [S, L]
+    kv_slots = torch.where(k_valid, slots, slots[:, :1])
+    # Padded queries sit at position 0 and see key 0, so no softmax row is empty.
+    attn_mask = (j_k[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [S, Q, L]
+    rel = None
+    if cfg.position_encoding == "relative_bias":
+        rel = relative_position_bucket(
+            q_pos[:, :, None] - j_k[None, None, :],
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+        ).to(device)
+    tokens = q_index[q_valid]  # [n]
+    run = AttentionRuns(
+        tokens=tokens.to(device),
+        q_index=q_index.to(device),
+        q_valid=q_valid.to(device),
+        kv_slots=kv_slots.to(device),
+        attn_mask=attn_mask[:, None].to(device),
+        rel_buckets=rel,
+    )
+    return run, tokens, q_pos[q_valid], slots.gather(1, q_pos)[q_valid]
