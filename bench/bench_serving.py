@@ -3,7 +3,8 @@
     python bench/bench_serving.py [--json PATH] [--output-len 128] [--requests-per-level 2]
 
 1. Raw: the engine core, no server, stepping a full batch of B decoding sequences (B = 1 and
-   32): B tokens per median decode step. Measured before and after the sweep; the median is used.
+   32): B tokens per median decode step. Measured right before and right after the served
+   level of the same B (the machine's load drifts), over all those steps.
 2. Served: `ecserve serve` on the default model in a subprocess, loaded by `ecserve bench`'s
    closed loop at concurrency 1, 2, 4, ..., 64 (each stream: 16 prompt tokens, --output-len new
    tokens; output tok/s over the level's whole run, prefill and ramp included).
@@ -38,8 +39,8 @@ PROMPT_LEN = 16
 LEVELS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def raw_decode_throughput(engine: Engine, batch: int, steps: int) -> float:
-    """Tokens/s of `batch` sequences decoding together (prefill excluded)."""
+def raw_decode_step_times(engine: Engine, batch: int, steps: int) -> list[float]:
+    """Seconds of each step of `batch` sequences decoding together (prefill excluded)."""
     params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
     for i in range(batch):
         prompt = tuple((i * 31 + j) % 250 for j in range(PROMPT_LEN))
@@ -50,7 +51,7 @@ def raw_decode_throughput(engine: Engine, batch: int, steps: int) -> float:
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
-    return batch / statistics.median(times)
+    return times
 
 
 def free_port() -> int:
@@ -86,41 +87,44 @@ def main() -> None:
     args = parser.parse_args()
 
     engine = Engine(None, EngineConfig(device="cpu"))
-    raw: dict[int, list[float]] = {1: [], 32: []}
+    raw: dict[int, list[float]] = {1: [], 32: []}  # step times
 
-    def measure_raw() -> None:
-        for batch in raw:
-            raw[batch].append(raw_decode_throughput(engine, batch, args.output_len))
+    def measure_raw(batch: int) -> None:
+        raw[batch].extend(raw_decode_step_times(engine, batch, args.output_len))
 
-    measure_raw()
     port = free_port()
     server = start_server(port)
     sweep = []
     try:
         for c in LEVELS:
+            if c in raw:
+                measure_raw(c)
             cfg = LoadTestConfig(
                 address=f"127.0.0.1:{port}", concurrency=c, input_len=PROMPT_LEN,
                 output_len=args.output_len, num_requests=c * args.requests_per_level,
                 warmup_requests=c, duration=600, seed=0,
             )
-            m = run_load_test(cfg, progress=False).metrics
-            sweep.append({"concurrency": c, **{k: m[k] for k in (
-                "completed", "failed", "output_throughput", "median_ttft_ms", "median_itl_ms",
-                "p99_itl_ms")}})
+            result = run_load_test(cfg, progress=False)
+            m = result.metrics
+            sweep.append({"concurrency": c, "errors": result.errors, **{k: m[k] for k in (
+                "completed", "failed", "duration", "output_throughput", "median_ttft_ms",
+                "median_itl_ms", "p99_itl_ms")}})
             print(f"concurrency {c:3d}: {m['output_throughput']:8.1f} tok/s, median ITL "
-                  f"{m['median_itl_ms']:.2f} ms, failed {m['failed']}", flush=True)
+                  f"{m['median_itl_ms']:.2f} ms, p99 ITL {m['p99_itl_ms']:.1f} ms, failed "
+                  f"{m['failed']} {result.errors or ''}", flush=True)
+            if c in raw:
+                measure_raw(c)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    measure_raw()
 
     served = {row["concurrency"]: row["output_throughput"] for row in sweep}
-    raw_med = {b: statistics.median(v) for b, v in raw.items()}
+    raw_med = {b: b / statistics.median(v) for b, v in raw.items()}
     result = {
         "served_over_raw_at_32": served[32] / raw_med[32],
         "scaling_32_over_1": served[32] / served[1],
         "raw_decode_tok_s": {str(b): v for b, v in raw_med.items()},
-        "raw_decode_tok_s_runs": {str(b): v for b, v in raw.items()},
+        "raw_decode_steps": {str(b): len(v) for b, v in raw.items()},
         "sweep": sweep,
         "config": {"model": "default", "prompt_len": PROMPT_LEN, "output_len": args.output_len,
                    "requests_per_level": args.requests_per_level, "dtype": "float32"},

@@ -209,9 +209,11 @@ class RoutingCollector(Collector):
             self.group_sum += int(sizes.sum())
 
     def collect(self) -> Iterator[Any]:
+        # Build every family under the lock, yield after: the engine thread's add() must never
+        # wait for an HTTP client reading the scrape.
         with self._lock:
-            yield from self._expert_families()
-            yield from self._layer_families()
+            families = [*self._expert_families(), *self._layer_families()]
+        yield from families
 
     def _expert_families(self) -> Iterator[Any]:
         if self.mode == "off":
