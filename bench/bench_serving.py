@@ -15,9 +15,13 @@ generator shares the machine with the server, as a co-located client would.
 
 from __future__ import annotations
 
+import os
+
+# As `ecserve serve` does, so raw and served run the same OpenMP settings (before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import platform
 import socket
 import statistics

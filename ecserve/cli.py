@@ -152,6 +152,10 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Before torch loads its OpenMP runtime: spinning OpenMP threads fight the server's own
+    # threads (gRPC, the event loop) for cores, and steps then take seconds, not milliseconds
+    # (README, "Load testing"). An explicit setting in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ecserve.engine.engine import Engine
     from ecserve.server.app import serve
 
