@@ -3,8 +3,10 @@
     python bench/bench_serving.py [--json PATH] [--output-len 128] [--requests-per-level 2]
 
 1. Raw: the engine core, no server, stepping a full batch of B decoding sequences (B = 1 and
-   32): B tokens per median decode step. Measured right before and right after the served
-   level of the same B (the machine's load drifts), over all those steps.
+   32): B tokens per median decode step, with the server's CPU settings (torch threads: all
+   cores but one; OpenMP threads passive). Measured right before and right after the served
+   level of the same B (the machine's load drifts), over all those steps. Also, for reference,
+   raw with every core and torch's default spinning threads, measured in a child process.
 2. Served: `ecserve serve` on the default model in a subprocess, loaded by `ecserve bench`'s
    closed loop at concurrency 1, 2, 4, ..., 64 (each stream: 16 prompt tokens, --output-len new
    tokens; output tok/s over the level's whole run, prefill and ramp included).
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import os
 
-# As `ecserve serve` does, so raw and served run the same OpenMP settings (before torch loads).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As `ecserve serve` does, so raw and served run the same OpenMP settings (before torch loads);
+# not in the child that measures torch's defaults.
+if not os.environ.get("ECSERVE_BENCH_CHILD"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
@@ -58,6 +62,22 @@ def raw_decode_step_times(engine: Engine, batch: int, steps: int) -> list[float]
     return times
 
 
+def raw_all_cores(output_len: int) -> float:
+    """Raw batch-32 decode tok/s with torch's defaults (every core, spinning OpenMP threads):
+    a child process, since OpenMP settings are fixed once torch loads."""
+    code = ("import statistics, sys; sys.path.insert(0, sys.argv[1]); "
+            "from bench_serving import raw_decode_step_times; "
+            "from ecserve.config import EngineConfig; from ecserve.engine.engine import Engine; "
+            "engine = Engine(None, EngineConfig(device='cpu')); "
+            f"t = raw_decode_step_times(engine, 32, {output_len}); "
+            "print(32 / statistics.median(t))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env["ECSERVE_BENCH_CHILD"] = "1"
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,6 +110,8 @@ def main() -> None:
                         help="requests per stream at each concurrency level")
     args = parser.parse_args()
 
+    threads = max(1, (os.cpu_count() or 1) - 1)  # as `ecserve serve` on this machine
+    torch.set_num_threads(threads)
     engine = Engine(None, EngineConfig(device="cpu"))
     raw: dict[int, list[float]] = {1: [], 32: []}  # step times
 
@@ -124,13 +146,17 @@ def main() -> None:
 
     served = {row["concurrency"]: row["output_throughput"] for row in sweep}
     raw_med = {b: b / statistics.median(v) for b, v in raw.items()}
+    unconstrained = raw_all_cores(args.output_len)
     result = {
         "served_over_raw_at_32": served[32] / raw_med[32],
         "scaling_32_over_1": served[32] / served[1],
+        "served_over_raw_all_cores_at_32": served[32] / unconstrained,
         "raw_decode_tok_s": {str(b): v for b, v in raw_med.items()},
+        "raw_decode_tok_s_all_cores_spinning_32": unconstrained,
         "raw_decode_steps": {str(b): len(v) for b, v in raw.items()},
         "sweep": sweep,
         "config": {"model": "default", "prompt_len": PROMPT_LEN, "output_len": args.output_len,
+                   "torch_threads_server_and_raw": threads,
                    "requests_per_level": args.requests_per_level, "dtype": "float32"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -138,6 +164,8 @@ def main() -> None:
     }
     print(f"\nraw decode (no server): batch 1 {raw_med[1]:.1f} tok/s, batch 32 "
           f"{raw_med[32]:.1f} tok/s")
+    print(f"raw decode, every core, spinning OpenMP (reference): batch 32 {unconstrained:.1f} "
+          f"tok/s -> served(32) / that = {result['served_over_raw_all_cores_at_32']:.3f}")
     print(f"served(32) / raw(32) = {result['served_over_raw_at_32']:.3f}   (goal >= 0.85)")
     print(f"served(32) / served(1) = {result['scaling_32_over_1']:.2f}x   (goal >= 12x)")
     if args.json:

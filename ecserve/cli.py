@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve the model over gRPC until SIGTERM, then drain")
     _engine_args(srv)
     _server_args(srv)
+    srv.add_argument("--torch-threads", type=int,
+                     help="torch CPU threads (default: all cores but one, which the server's "
+                          "gRPC work and event loop keep; OMP_NUM_THREADS also sets it)")
 
     cli = sub.add_parser("client", help="stream a generation from a server to the terminal")
     cli.add_argument("prompt", help="the prompt text")
@@ -156,11 +159,20 @@ def _serve(args: argparse.Namespace) -> int:
     # threads (gRPC, the event loop) for cores, and steps then take seconds, not milliseconds
     # (README, "Load testing"). An explicit setting in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
     from ecserve.engine.engine import Engine
     from ecserve.server.app import serve
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads = args.torch_threads
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) - 1)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--torch-threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     engine_cfg, server_cfg = _engine_config(args), _config(ServerConfig, args)
     model = args.model or os.environ.get("ECSERVE_MODEL") or None
     return serve(lambda: Engine(model, engine_cfg), server_cfg)
