@@ -22,6 +22,10 @@ ACTIVATIONS = ("silu", "gelu")
 POSITION_ENCODINGS = ("rope", "relative_bias")
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZERS = ("byte", "huggingface")
+# ecserve's own checkpoint format, then the Hugging Face MoE types loaded in place (their own
+# config.json and tensor names, mapped by ecserve/model/hf/).
+MODEL_TYPES = ("ecserve", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+QK_NORMS = ("none", "full", "head")
 
 
 class ConfigError(ValueError):
@@ -104,13 +108,22 @@ class ModelConfig:
     ffn_hidden_size: int  # hidden width of the dense GLU feed-forward layers
     num_experts: int  # E, experts in every MoE layer
     expert_ffn_hidden_size: int  # hidden width of each expert's GLU
-    model_type: str = "ecserve"  # fixed; other values are other checkpoint formats
+    # ecserve | mixtral | olmoe | qwen2_moe | qwen3_moe: the tensor names (README, "Hugging Face
+    # MoE checkpoints"); an HF directory's config.json is translated, not parsed as is.
+    model_type: str = "ecserve"
     num_kv_heads: int | None = None  # key/value heads (GQA); None means num_heads (MHA)
     head_dim: int | None = None  # per-head width; None means hidden_size // num_heads
     # Which blocks have an MoE layer instead of a dense FFN; None means every other block
     # (1, 3, 5, ...), as in the paper.
     moe_layers: tuple[int, ...] | None = None
     shared_expert_ffn_hidden_size: int = 0  # width of a shared expert every token uses; 0: none
+    # The shared expert's output is scaled by sigmoid(x @ w) per token (Qwen2-MoE), w: [1, d].
+    shared_expert_gate: bool = False
+    attention_bias: bool = False  # the q, k and v projections have biases (Qwen2-MoE)
+    attention_output_bias: bool = False  # the output projection has a bias
+    # RMSNorm on q and k before rope: none | full (over all heads at once, OLMoE) | head (per
+    # head, Qwen3-MoE)
+    qk_norm: str = "none"
     activation: str = "silu"  # GLU activation: silu (SwiGLU) | gelu (GeGLU, tanh approximation)
     router_bias: bool = False  # the router has a bias vector
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -136,8 +149,7 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.model_type != "ecserve":
-            raise ConfigError(f"model_type must be 'ecserve', got {self.model_type!r}")
+        _check_choice("model_type", self.model_type, MODEL_TYPES)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "ffn_hidden_size", "num_experts", "expert_ffn_hidden_size",
                      "max_position_embeddings"):
@@ -149,6 +161,10 @@ class ModelConfig:
             )
         if self.shared_expert_ffn_hidden_size < 0:
             raise ConfigError("shared_expert_ffn_hidden_size must be >= 0 (0: no shared expert)")
+        if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
+            raise ConfigError("shared_expert_gate needs a shared expert "
+                              "(shared_expert_ffn_hidden_size > 0)")
+        _check_choice("qk_norm", self.qk_norm, QK_NORMS)
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ConfigError(f"moe_layers: {bad} outside [0, num_layers={self.num_layers})")

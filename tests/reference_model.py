@@ -65,7 +65,7 @@ def recompute_logits(
                 bias = block.attn.rel_bias[buckets].permute(2, 0, 1)  # [H, T, T]
             sl = slice(start, start + n)
             out[sl] = causal_attention(q[sl], k[sl], v[sl], bias)
-        h = x + torch.nn.functional.linear(out.reshape(x.shape[0], -1), block.attn.wo)
+        h = x + block.attn.output(out.reshape(x.shape[0], -1))
         if block.moe is None:
             x, _ = block.feed_forward(h, (0, h.shape[0]))
             continue

@@ -10,7 +10,7 @@ from torch import nn
 
 from ecserve.config import ModelConfig
 from ecserve.model.batch import AttentionRuns, ForwardBatch
-from ecserve.model.layers import apply_rope
+from ecserve.model.layers import RMSNorm, apply_rope
 
 
 class LayerKV(NamedTuple):
@@ -32,6 +32,17 @@ class Attention(nn.Module):
         self.wk = nn.Parameter(torch.empty(cfg.num_kv_heads * hd, d))
         self.wv = nn.Parameter(torch.empty(cfg.num_kv_heads * hd, d))
         self.wo = nn.Parameter(torch.empty(d, cfg.num_heads * hd))
+        qkv_bias = cfg.attention_bias
+        self.bq = nn.Parameter(torch.empty(cfg.num_heads * hd)) if qkv_bias else None
+        self.bk = nn.Parameter(torch.empty(cfg.num_kv_heads * hd)) if qkv_bias else None
+        self.bv = nn.Parameter(torch.empty(cfg.num_kv_heads * hd)) if qkv_bias else None
+        self.bo = nn.Parameter(torch.empty(d)) if cfg.attention_output_bias else None
+        # q/k RMSNorm before rope: over all heads at once (full) or over each head (head).
+        self.qk_norm = cfg.qk_norm
+        q_dim, k_dim = {"full": (cfg.num_heads * hd, cfg.num_kv_heads * hd),
+                        "head": (hd, hd)}.get(cfg.qk_norm, (0, 0))
+        self.q_norm = RMSNorm(q_dim, cfg.norm_eps) if q_dim else None
+        self.k_norm = RMSNorm(k_dim, cfg.norm_eps) if k_dim else None
         # Per-layer relative position bias of the paper's model: [buckets, heads].
         self.rel_bias = (
             nn.Parameter(torch.empty(cfg.relative_attention_num_buckets, cfg.num_heads))
@@ -44,12 +55,24 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> q [N, H, hd], k and v [N, KVH, hd], rope applied."""
         n = x.shape[0]
-        q = F.linear(x, self.wq).view(n, self.num_heads, self.head_dim)
-        k = F.linear(x, self.wk).view(n, self.num_kv_heads, self.head_dim)
-        v = F.linear(x, self.wv).view(n, self.num_kv_heads, self.head_dim)
+        q = F.linear(x, self.wq, self.bq)  # [N, H*hd]
+        k = F.linear(x, self.wk, self.bk)  # [N, KVH*hd]
+        v = F.linear(x, self.wv, self.bv).view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "full":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(n, self.num_heads, self.head_dim)  # [N, H, hd]
+        k = k.view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, hd]
+        if self.qk_norm == "head":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection: attention output [N, H*hd] -> [N, d]."""
+        return F.linear(out, self.wo, self.bo)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: LayerKV) -> torch.Tensor:
         # x: [N, d] -> [N, d]
@@ -59,7 +82,7 @@ class Attention(nn.Module):
         out = torch.empty_like(q)  # [N, H, hd]
         for runs in batch.attention:
             out[runs.tokens] = self.attend(q, kv, runs)
-        return F.linear(out.reshape(x.shape[0], -1), self.wo)
+        return self.output(out.reshape(x.shape[0], -1))
 
     def attend(self, q: torch.Tensor, kv: LayerKV, runs: AttentionRuns) -> torch.Tensor:
         """One bucket of runs: q [N, H, hd] -> [n, H, hd] for runs.tokens."""

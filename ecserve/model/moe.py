@@ -32,6 +32,8 @@ class MoELayer(nn.Module):
         self.act = activation_fn(cfg.activation)
         fs = cfg.shared_expert_ffn_hidden_size
         self.shared = GLUFeedForward(d, fs, cfg.activation) if fs else None
+        # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x @ shared_gate.T) [N, 1].
+        self.shared_gate = nn.Parameter(torch.empty(1, d)) if cfg.shared_expert_gate else None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Router probabilities, always in float32 (bf16 routers pick different tokens)."""
@@ -44,7 +46,10 @@ class MoELayer(nn.Module):
         # x: [N, d]; routing groups are the contiguous token ranges [b[i], b[i+1]).
         scores = self.scores(x)  # [N, E]
         idx_parts, gate_parts = [], []
-        for start, end in itertools.pairwise(group_bounds):
+        # token_choice routes each token on its own, so the grouping changes nothing: route the
+        # whole step at once (one dropless layout, less padding than one per group).
+        bounds = (0, x.shape[0]) if self.routing.policy == "token_choice" else group_bounds
+        for start, end in itertools.pairwise(bounds):
             r = route(scores[start:end], self.routing)
             idx_parts.append(torch.where(r.idx >= 0, r.idx + start, -1))  # [E, k_g] step-wide
             gate_parts.append(r.gate)
@@ -52,7 +57,10 @@ class MoELayer(nn.Module):
         gate = torch.cat(gate_parts, dim=1)  # [E, K]
         y = self.combine(x, idx, gate)  # [N, d] float32
         if self.shared is not None:
-            y = y + self.shared(x).float()
+            shared = self.shared(x)  # [N, d]
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared  # [N, 1] * [N, d]
+            y = y + shared.float()
         stats = self._stats(idx, gate, x.shape[0], group_bounds)
         if time_experts:
             stats = dataclasses.replace(stats, expert_seconds=self.time_experts(x, idx))

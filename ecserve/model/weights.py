@@ -36,6 +36,11 @@ def read_config(model_dir: str | os.PathLike) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from e
     try:
+        if isinstance(data, dict) and data.get("model_type", "ecserve") != "ecserve":
+            # A Hugging Face checkpoint's own config.json (or an unsupported model type).
+            from ecserve.model.hf.config import config_from_hf
+
+            return config_from_hf(data, path.parent)
         return ModelConfig.from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
@@ -85,6 +90,10 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
 def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Read and check every tensor; errors list all problems at once."""
     model_dir = Path(model_dir)
+    if cfg.model_type != "ecserve":  # a Hugging Face checkpoint: its names, mapped to ours
+        from ecserve.model.hf.tensors import load_hf_state_dict
+
+        return load_hf_state_dict(model_dir, cfg)
     files = _tensor_files(model_dir)
     expected = expected_tensors(cfg)
     problems = []
