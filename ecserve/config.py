@@ -218,12 +218,16 @@ class EngineConfig:
     # Every Nth step, time each expert's work alone for the per-expert latency metric (a
     # measurement pass beside the real computation: about 1/N of the MoE layers' time); 0: off.
     expert_timing_every: int = 64
+    # torch (plain PyTorch) | triton (ecserve_kernels: fused expert MLP, paged decode attention)
+    # | auto (triton on CUDA devices, torch elsewhere)
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if self.dtype is not None:
             _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("kernels", self.kernels, ("auto", "torch", "triton"))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting",
                      "max_waiting_tokens"):
             _check_positive(name, getattr(self, name))

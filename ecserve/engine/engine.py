@@ -18,7 +18,12 @@ from ecserve.config import SCOPES, ConfigError, EngineConfig, ModelConfig
 from ecserve.engine.batcher import Batcher
 from ecserve.engine.kv_cache import BlockManager
 from ecserve.engine.output import append_token, end_without_token
-from ecserve.engine.runner import ModelRunner, free_memory_bytes, kv_bytes_per_block
+from ecserve.engine.runner import (
+    ModelRunner,
+    free_memory_bytes,
+    kv_bytes_per_block,
+    resolve_kernels,
+)
 from ecserve.engine.sampler import sample, token_logprobs
 from ecserve.engine.sequence import Sequence
 from ecserve.engine.stop import StopMatcher
@@ -95,7 +100,8 @@ class Engine:
         model = load_model(self.model_dir, mc, device, TORCH_DTYPES[self.dtype_name])
         num_blocks = self._num_kv_blocks(model, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size,
+                                  resolve_kernels(cfg.kernels, device))
         self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = 0

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ecserve.config import ConfigError
 from ecserve.model.attention import LayerKV
 from ecserve.model.batch import ForwardBatch
 from ecserve.model.transformer import Transformer
@@ -33,11 +34,29 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def resolve_kernels(choice: str, device: torch.device) -> str:
+    """EngineConfig.kernels -> torch | triton for this device."""
+    import ecserve_kernels
+
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and ecserve_kernels.HAS_TRITON else "torch"
+    if choice == "triton":
+        if not ecserve_kernels.HAS_TRITON:
+            raise ConfigError("kernels=triton: triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"kernels=triton needs a CUDA device, got {device} (on a CPU "
+                              "only Triton's interpreter runs them: TRITON_INTERPRET=1, slow)")
+    return choice
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int,
+                 kernels: str = "torch") -> None:
         cfg = model.cfg
         assert cfg.num_kv_heads is not None and cfg.head_dim is not None
         self.model = model
+        self.kernels = kernels
+        model.set_kernels(kernels)
         self.block_size = block_size
         self.device = model.embed.device
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)

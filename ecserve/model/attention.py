@@ -43,6 +43,7 @@ class Attention(nn.Module):
                         "head": (hd, hd)}.get(cfg.qk_norm, (0, 0))
         self.q_norm = RMSNorm(q_dim, cfg.norm_eps) if q_dim else None
         self.k_norm = RMSNorm(k_dim, cfg.norm_eps) if k_dim else None
+        self.kernels = "torch"  # or "triton" (set by the runner: Transformer.set_kernels)
         # Per-layer relative position bias of the paper's model: [buckets, heads].
         self.rel_bias = (
             nn.Parameter(torch.empty(cfg.relative_attention_num_buckets, cfg.num_heads))
@@ -77,8 +78,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: LayerKV) -> torch.Tensor:
         # x: [N, d] -> [N, d]
         q, k, v = self.project(x, batch.rope)
-        kv.k[batch.slot_mapping] = k
-        kv.v[batch.slot_mapping] = v
+        if self.kernels == "triton":
+            import ecserve_kernels
+
+            shape = (-1, batch.attention[0].block_size, self.num_kv_heads, self.head_dim)
+            ecserve_kernels.kv_cache_write(k, v, kv.k.view(shape), kv.v.view(shape),
+                                           batch.slot_mapping)
+        else:
+            kv.k[batch.slot_mapping] = k
+            kv.v[batch.slot_mapping] = v
         out = torch.empty_like(q)  # [N, H, hd]
         for runs in batch.attention:
             out[runs.tokens] = self.attend(q, kv, runs)
@@ -86,6 +94,13 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, kv: LayerKV, runs: AttentionRuns) -> torch.Tensor:
         """One bucket of runs: q [N, H, hd] -> [n, H, hd] for runs.tokens."""
+        if self.kernels == "triton" and runs.is_decode and self.rel_bias is None:
+            import ecserve_kernels
+
+            shape = (-1, runs.block_size, self.num_kv_heads, self.head_dim)
+            return ecserve_kernels.paged_decode_attention(  # [S, H, hd], one query per run
+                q[runs.tokens], kv.k.view(shape), kv.v.view(shape), runs.block_tables,
+                runs.seq_lens)
         qp = q[runs.q_index].transpose(1, 2)  # [S, H, Q, hd]
         kp = kv.k[runs.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]
         vp = kv.v[runs.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]

@@ -26,6 +26,13 @@ class AttentionRuns:
     kv_slots: torch.Tensor  # int64 [S, L]: KV slot of key position j (padding: position 0's slot)
     attn_mask: torch.Tensor  # bool [S, 1, Q, L]: causal and within the sequence's length
     rel_buckets: torch.Tensor | None  # int64 [S, Q, L]: relative_bias buckets (None for rope)
+    block_tables: torch.Tensor  # int64 [S, B]: each run's KV blocks (for the paged kernel)
+    seq_lens: torch.Tensor  # int64 [S]: keys each run's last query sees
+    block_size: int
+
+    @property
+    def is_decode(self) -> bool:
+        return self.q_valid.shape[1] == 1
 
 
 @dataclass(frozen=True)
@@ -137,5 +144,8 @@ def _attention_runs(
         kv_slots=kv_slots.to(device),
         attn_mask=attn_mask[:, None].to(device),
         rel_buckets=rel,
+        block_tables=tables.to(device),
+        seq_lens=ctx.to(device),
+        block_size=block_size,
     )
     return run, tokens, q_pos[q_valid], slots.gather(1, q_pos)[q_valid]

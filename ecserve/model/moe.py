@@ -30,6 +30,8 @@ class MoELayer(nn.Module):
         self.w_up = nn.Parameter(torch.empty(e, f, d))
         self.w_down = nn.Parameter(torch.empty(e, d, f))
         self.act = activation_fn(cfg.activation)
+        self.activation = cfg.activation
+        self.kernels = "torch"  # or "triton" (set by the runner: Transformer.set_kernels)
         fs = cfg.shared_expert_ffn_hidden_size
         self.shared = GLUFeedForward(d, fs, cfg.activation) if fs else None
         # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x @ shared_gate.T) [N, 1].
@@ -68,6 +70,11 @@ class MoELayer(nn.Module):
 
     def combine(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """y_t = sum of gate * FFN_e(x_t) over slots holding t, in float32, by ascending expert."""
+        if self.kernels == "triton":  # the same contract, fused (kernels/README.md)
+            import ecserve_kernels
+
+            return ecserve_kernels.expert_mlp(x, idx, gate.float(), self.w_gate, self.w_up,
+                                              self.w_down, self.activation, "deterministic")
         xs = x[idx.clamp(min=0)]  # [E, K, d]: gathered token rows (empty slots read token 0)
         h = self.act(torch.bmm(xs, self.w_gate.transpose(1, 2)))  # [E, K, f]
         h.mul_(torch.bmm(xs, self.w_up.transpose(1, 2)))

@@ -57,6 +57,13 @@ class Transformer(nn.Module):
             else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         )
 
+    def set_kernels(self, kernels: str) -> None:
+        """torch | triton: which implementation attention and the MoE layers run."""
+        for block in self.layers:
+            block.attn.kernels = kernels
+            if block.moe is not None:
+                block.moe.kernels = kernels
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.embed if self.lm_head is None else self.lm_head
