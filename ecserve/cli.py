@@ -29,6 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, help="most requests queued for admission (1024)")
     p.add_argument("--max-waiting-tokens", type=int,
                    help="most prompt tokens queued for admission (262144)")
+    p.add_argument("--kernels", choices=("auto", "torch", "triton"),
+                   help="Triton kernels (auto: on CUDA devices) or plain torch")
     p.add_argument("--expert-timing-every", type=int,
                    help="time each expert's work alone every Nth step, for metrics (64; 0: off)")
 
