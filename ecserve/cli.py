@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--torch-threads", type=int,
                      help="torch CPU threads (default: all cores but one, which the server's "
                           "gRPC work and event loop keep; OMP_NUM_THREADS also sets it)")
+    srv.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                     help="run the MoE experts across N processes on this machine (torch."
+                          "distributed, gloo): this one serves, N-1 workers hold the other "
+                          "experts (default 1: one process)")
 
     cli = sub.add_parser("client", help="stream a generation from a server to the terminal")
     cli.add_argument("prompt", help="the prompt text")
@@ -125,10 +129,37 @@ def _parser() -> argparse.ArgumentParser:
 
     bench_arguments(bench)
 
+    plan = sub.add_parser("plan", help="place experts on devices; print the predicted "
+                          "cross-device traffic")
+    _plan_args(plan)
+
     init = sub.add_parser("init-model", help="write the default model's directory to DIR")
     init.add_argument("dir")
     init.add_argument("--seed", type=int, help="weight seed (default: the embedded model's)")
     return parser
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    """`ecserve plan` (ecserve/placement/command.py); kept here so the parser needs no torch."""
+    p.add_argument("--model", help="model directory (default: the embedded default model)")
+    p.add_argument("--devices", type=int, help="devices to place the experts on")
+    p.add_argument("--device-memory",
+                   help="weight memory per device, e.g. 80GiB, 512MiB, 1e9 (default: unlimited)")
+    p.add_argument("--strategy", choices=("balanced", "affinity"), default="affinity",
+                   help="balanced: contiguous equal shares; affinity (default): equal shares, "
+                        "experts that choose the same tokens on the same device")
+    p.add_argument("--replicate", action="store_true",
+                   help="copy the hottest experts onto other devices while memory allows")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompts", help="file of prompts, one per line, for routing statistics")
+    src.add_argument("--synthetic-requests", type=int, default=8,
+                     help="random prompts for the routing statistics without --prompts (8)")
+    p.add_argument("--max-new-tokens", type=int, default=16,
+                   help="tokens generated per prompt while recording routing (16)")
+    p.add_argument("--device", default="cpu", help="where the statistics run is made (cpu)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic prompts and planner seed (0)")
+    p.add_argument("--save", help="write the placement to this JSON file")
+    p.add_argument("--load", help="evaluate a saved placement instead of making one")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -177,7 +208,22 @@ def _serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     engine_cfg, server_cfg = _engine_config(args), _config(ServerConfig, args)
     model = args.model or os.environ.get("ECSERVE_MODEL") or None
-    return serve(lambda: Engine(model, engine_cfg), server_cfg)
+    if args.expert_parallel <= 1:
+        return serve(lambda: Engine(model, engine_cfg), server_cfg)
+    from ecserve.parallel.driver import ExpertParallel
+
+    groups: list[ExpertParallel] = []
+
+    def load() -> Engine:
+        engine = Engine(model, engine_cfg)
+        groups.append(ExpertParallel(engine, args.expert_parallel))
+        return engine
+
+    try:
+        return serve(load, server_cfg)
+    finally:
+        for group in groups:  # after the drain: the engine thread has stopped
+            group.close()
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -227,6 +273,12 @@ def _top(args: argparse.Namespace) -> int:
         return 1
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from ecserve.placement.command import run
+
+    return run(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ecserve.loadtest.command import run
 
@@ -238,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     commands = {"generate": _generate, "serve": _serve, "client": _client, "health": _health,
-                "init-model": _init_model, "top": _top, "bench": _bench}
+                "init-model": _init_model, "top": _top, "bench": _bench,
+                "plan": _plan}
     try:
         return commands[args.command](args)
     except grpc.RpcError as e:

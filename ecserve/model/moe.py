@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,10 @@ class MoELayer(nn.Module):
         self.shared = GLUFeedForward(d, fs, cfg.activation) if fs else None
         # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x @ shared_gate.T) [N, 1].
         self.shared_gate = nn.Parameter(torch.empty(1, d)) if cfg.shared_expert_gate else None
+        # Expert parallelism (ecserve/parallel/moe_ep.py): when set, this layer holds only its
+        # rank's experts and combine() dispatches the slots across ranks; None: all experts here.
+        self.expert_parallel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                       torch.Tensor] | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Router probabilities, always in float32 (bf16 routers pick different tokens)."""
@@ -70,6 +74,8 @@ class MoELayer(nn.Module):
 
     def combine(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """y_t = sum of gate * FFN_e(x_t) over slots holding t, in float32, by ascending expert."""
+        if self.expert_parallel is not None:  # the same contract, across ranks
+            return self.expert_parallel(x, idx, gate)
         if self.kernels == "triton":  # the same contract, fused (kernels/README.md)
             import ecserve_kernels
 

@@ -1,0 +1,114 @@
+"""Rank 0: the engine's runner in lockstep with the worker ranks.
+
+Rank 0 runs the whole Engine (batcher, sampler, server). Each step it broadcasts the StepPlan;
+every rank then runs the same forward on its own full KV cache (attention and dense layers are
+replicated), the MoE layers exchange token rows with their experts' owners, and only rank 0's
+logits are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ecserve.engine.runner import ModelRunner
+from ecserve.parallel.group import ParallelGroup, Placement, destroy_group, free_port, init_group
+from ecserve.parallel.moe_ep import shard_experts
+from ecserve.types import MoEStats, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+def broadcast(message: object) -> object:
+    """Rank 0's message to every rank (the others pass None and get it back)."""
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class DriverRunner(ModelRunner):
+    """Rank 0's ModelRunner: broadcasts each plan, then runs it like every other rank."""
+
+    def __init__(self, inner: ModelRunner, group: ParallelGroup) -> None:
+        self.__dict__.update(inner.__dict__)  # same model, KV tensors, kernels (no new cache)
+        self.group = group
+        self.closed = False
+
+    def execute(
+        self, plan: StepPlan, time_experts: bool = False
+    ) -> tuple[torch.Tensor, list[MoEStats]]:
+        # Per-expert timing is off here: a rank holds only some experts' weights.
+        broadcast(("step", plan))
+        return super().execute(plan, False)
+
+    def close(self) -> None:
+        """Tell the workers to exit (once)."""
+        if not self.closed:
+            self.closed = True
+            broadcast(("stop", None))
+
+
+class ExpertParallel:
+    """Rank 0's handle on an expert-parallel group of local worker processes (127.0.0.1)."""
+
+    def __init__(self, engine, world: int, placement: Placement | None = None,
+                 port: int | None = None, backend: str = "gloo",
+                 timeout_s: float = 600.0) -> None:
+        if world < 2:
+            raise ValueError(f"expert parallelism needs 2 or more ranks, got {world}")
+        port = port or free_port()
+        self.workers = [
+            subprocess.Popen([sys.executable, "-m", "ecserve.parallel.worker", "--rank", str(r),
+                              "--world", str(world), "--port", str(port), "--backend", backend,
+                              "--timeout", str(timeout_s)])
+            for r in range(1, world)
+        ]
+        try:
+            group = init_group(0, world, port=port, backend=backend, timeout_s=timeout_s)
+            self.runner = enable_expert_parallel(engine, group, placement)
+        except BaseException:
+            self._reap(0)
+            raise
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the workers and leave the group."""
+        try:
+            self.runner.close()
+        finally:
+            destroy_group()
+            self._reap(timeout_s)
+
+    def _reap(self, timeout_s: float) -> None:
+        for p in self.workers:
+            try:
+                p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("expert-parallel worker %d did not exit; killing it", p.pid)
+                p.kill()
+                p.wait()
+
+
+def enable_expert_parallel(engine, group: ParallelGroup,
+                           placement: Placement | None = None) -> DriverRunner:
+    """Rank 0, after joining the group: send the workers what to load, keep only rank 0's
+    experts, and run the engine's steps in lockstep with them."""
+    mc = engine.model_cfg
+    placement = placement or Placement.contiguous(mc.num_experts, group.world)
+    runner = engine.runner
+    broadcast({
+        "model_dir": str(engine.model_dir),
+        "dtype": engine.dtype_name,
+        "device": str(engine.device),
+        "num_blocks": engine.blocks.num_blocks,
+        "block_size": engine.cfg.block_size,
+        "kernels": runner.kernels,
+        "placement": placement,
+        "num_threads": torch.get_num_threads(),
+    })
+    shard_experts(runner.model, group, placement)
+    engine.runner = DriverRunner(runner, group)
+    return engine.runner

@@ -1,0 +1,62 @@
+"""A worker rank (1..world-1): load the model with only its experts, then follow rank 0's steps.
+
+python -m ecserve.parallel.worker --rank R --world W [--addr 127.0.0.1] --port P
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from ecserve.engine.runner import ModelRunner
+from ecserve.model.weights import TORCH_DTYPES, load_model, read_config
+from ecserve.parallel.driver import broadcast
+from ecserve.parallel.group import ParallelGroup, destroy_group, init_group
+from ecserve.parallel.moe_ep import shard_experts
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(group: ParallelGroup) -> int:
+    """Build this rank's model and KV cache from rank 0's setup, then run steps until 'stop'."""
+    setup = broadcast(None)
+    assert isinstance(setup, dict)
+    torch.set_num_threads(setup["num_threads"])
+    cfg = read_config(setup["model_dir"])
+    # This slice loads the whole checkpoint and then keeps the owned experts (shard_experts).
+    model = load_model(setup["model_dir"], cfg, torch.device(setup["device"]),
+                       TORCH_DTYPES[setup["dtype"]])
+    runner = ModelRunner(model, setup["num_blocks"], setup["block_size"], setup["kernels"])
+    shard_experts(model, group, setup["placement"])
+    steps = 0
+    while True:
+        kind, plan = broadcast(None)
+        if kind == "stop":
+            return steps
+        runner.execute(plan, False)  # logits discarded: rank 0 samples
+        steps += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ecserve.parallel.worker")
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--world", type=int, required=True)
+    ap.add_argument("--addr", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--backend", default="gloo")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    group = init_group(a.rank, a.world, a.addr, a.port, a.backend, a.timeout)
+    try:
+        steps = run_worker(group)
+        log.info("expert-parallel worker %d: %d steps, stopping", a.rank, steps)
+    finally:
+        destroy_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
