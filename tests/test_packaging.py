@@ -30,3 +30,20 @@ def test_distribution_installs_no_top_level_kernels():
     top_level = importlib.metadata.distribution("ecserve").read_text("top_level.txt") or ""
     assert sorted(top_level.split()) == ["ecserve", "ecserve_kernels"]
     assert importlib.metadata.entry_points(group="console_scripts", name="ecserve")
+
+
+def test_every_subpackage_is_installed():
+    """A package folder missing from pyproject's `packages` would be absent from the install."""
+    import importlib
+    from pathlib import Path
+
+    import ecserve
+
+    root = Path(__file__).resolve().parents[1] / "ecserve"
+    installed = Path(ecserve.__file__).resolve().parent
+    for init in sorted(root.rglob("__init__.py")):
+        if "__pycache__" in init.parts:
+            continue
+        name = ".".join(("ecserve", *init.parent.relative_to(root).parts))
+        module = importlib.import_module(name)
+        assert Path(module.__file__).resolve().is_relative_to(installed), name
