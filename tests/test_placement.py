@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from ecserve.cli import main
 from ecserve.config import EngineConfig, ModelConfig
@@ -31,7 +32,6 @@ from ecserve.placement.affinity import cut_weight, refine
 from ecserve.placement.memory import check_fits, device_bytes, parse_bytes
 from ecserve.placement.routing_stats import record_routing, synthetic_prompts
 from ecserve.placement.traffic import step_traffic
-from tests.conftest import tiny_config
 
 PAIRS = ((0, 5), (1, 4), (2, 7), (3, 6))
 
