@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="run the MoE experts across N processes on this machine (torch."
                           "distributed, gloo): this one serves, N-1 workers hold the other "
                           "experts (default 1: one process)")
+    srv.add_argument("--placement", metavar="PLAN.json",
+                     help="with --expert-parallel N: the expert placement to run, a plan from "
+                          "`ecserve plan --devices N --save PLAN.json` (per MoE layer; rank r "
+                          "holds the experts whose primary device is r; plans with replicas are "
+                          "refused for now). Default: balanced contiguous shares")
 
     cli = sub.add_parser("client", help="stream a generation from a server to the terminal")
     cli.add_argument("prompt", help="the prompt text")
@@ -209,14 +214,26 @@ def _serve(args: argparse.Namespace) -> int:
     engine_cfg, server_cfg = _engine_config(args), _config(ServerConfig, args)
     model = args.model or os.environ.get("ECSERVE_MODEL") or None
     if args.expert_parallel <= 1:
+        if args.placement:
+            raise ValueError("--placement needs --expert-parallel N with N >= 2")
         return serve(lambda: Engine(model, engine_cfg), server_cfg)
+    from ecserve.model.default import default_model_dir
+    from ecserve.model.weights import read_config
     from ecserve.parallel.driver import ExpertParallel
+    from ecserve.parallel.moe_ep import default_placement, executable_placement, owned_experts
+    from ecserve.placement.plan import load_plan
 
+    # The plan is checked against the model and N before any process starts.
+    model_cfg = read_config(model or default_model_dir())
+    world = args.expert_parallel
+    placement = (executable_placement(load_plan(args.placement, model_cfg), model_cfg, world)
+                 if args.placement else default_placement(model_cfg, world))
     groups: list[ExpertParallel] = []
 
     def load() -> Engine:
-        engine = Engine(model, engine_cfg)
-        groups.append(ExpertParallel(engine, args.expert_parallel))
+        # Rank 0 reads only its own experts from the checkpoint, as the workers do.
+        engine = Engine(model, engine_cfg, experts=owned_experts(placement, 0))
+        groups.append(ExpertParallel(engine, world, placement))
         return engine
 
     try:

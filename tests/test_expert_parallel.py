@@ -11,8 +11,15 @@ import torch
 from expert_parallel_driver import engine_config, serve
 
 from ecserve.engine.engine import Engine
-from ecserve.parallel.group import Placement
-from ecserve.parallel.moe_ep import home_range
+from ecserve.model.weights import load_model, read_config
+from ecserve.parallel.moe_ep import default_placement, executable_placement, home_range
+from ecserve.placement import (
+    Placement,
+    PlanError,
+    affinity_placement,
+    collect_routing_stats,
+    save_plan,
+)
 
 DRIVER = Path(__file__).with_name("expert_parallel_driver.py")
 
@@ -21,7 +28,27 @@ def run_parallel(model_dir: Path, world: int, scope: str, out: Path, placement: 
     proc = subprocess.run([sys.executable, str(DRIVER), str(model_dir), str(world), scope,
                            str(out), placement], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
+    result = torch.load(out)
+    result["log"] = proc.stdout + proc.stderr
+    return result
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got["groups"] == want["groups"]  # the same steps and routing groups
+    assert got["tokens"] == want["tokens"]
+    assert len(got["logits"]) == len(want["logits"])
+    for g, w in zip(got["logits"], want["logits"], strict=True):
+        assert g.keys() == w.keys()
+        for k in w:
+            torch.testing.assert_close(g[k], w[k], atol=1e-5, rtol=0)
+
+
+def assert_counted_traffic_is_predicted(got: dict) -> None:
+    """The executor's counted cross-device rows equal the planner's traffic model (no dedup)
+    on the same steps, and it ran once per step and MoE layer."""
+    for layer, (counted, calls, predicted) in got["traffic"].items():
+        assert calls == got["steps"][layer]
+        assert counted == pytest.approx(predicted, abs=1e-6), layer
 
 
 @pytest.mark.parametrize("policy,scope,world,placement", [
@@ -37,21 +64,72 @@ def test_expert_parallel_equals_single_process(make_model, tmp_path, policy, sco
                        shared_expert_ffn_hidden_size=32, num_experts=6)
     want = serve(Engine(model, engine_config()), scope)
     got = run_parallel(model, world, scope, tmp_path / "ep.pt", placement)
-    assert got["groups"] == want["groups"]  # the same steps and routing groups
-    assert got["tokens"] == want["tokens"]
-    assert len(got["logits"]) == len(want["logits"])
-    for g, w in zip(got["logits"], want["logits"], strict=True):
-        assert g.keys() == w.keys()
-        for k in w:
-            torch.testing.assert_close(g[k], w[k], atol=1e-5, rtol=0)
+    assert_same(got, want)
+    assert_counted_traffic_is_predicted(got)
 
 
-def test_contiguous_placement_and_home_ranges():
-    assert Placement.contiguous(4, 2).owner == (0, 0, 1, 1)
-    assert Placement.contiguous(6, 4).owner == (0, 0, 1, 2, 2, 3)
-    assert Placement.contiguous(6, 4).owned(2) == [3, 4]
-    with pytest.raises(ValueError, match="at least 3 experts"):
-        Placement.contiguous(2, 3)
+def test_affinity_plan_per_layer_with_only_owned_experts_loaded(make_model, tmp_path):
+    """A planner affinity plan that differs per MoE layer, from a JSON file, over 3 ranks: the
+    same tokens and logits as one process; every rank holds [E_own, ...] expert weights."""
+    torch.set_num_threads(1)
+    model = make_model(routing={"policy": "ec", "group_size": 12}, num_experts=6,
+                       moe_layers=[1, 2, 3], shared_expert_ffn_hidden_size=32)
+    cfg = read_config(model)
+    stats = collect_routing_stats(model, synthetic_requests=4, max_new_tokens=4)
+    plan = affinity_placement(default_placement(cfg, 3).model,
+                              default_placement(cfg, 3).devices, stats)
+    owners = {layer: plan.owners(layer) for layer in plan.layers}
+    assert len({tuple(o) for o in owners.values()}) > 1, owners  # differs per layer
+    path = save_plan(plan, tmp_path / "plan.json")
+    want = serve(Engine(model, engine_config()), "batch")
+    got = run_parallel(model, 3, "batch", tmp_path / "ep.pt", str(path))
+    assert_same(got, want)
+    assert_counted_traffic_is_predicted(got)
+    for layer, shape in got["shapes"].items():  # rank 0 loaded only its own experts
+        assert shape == (owners[layer].count(0), 48, 64)
+    for rank in (1, 2):
+        shapes = {layer: [owners[layer].count(rank), 48, 64] for layer in owners}
+        own = {layer: [e for e, r in enumerate(owners[layer]) if r == rank] for layer in owners}
+        assert f"worker {rank} holds experts {own}; w_gate shapes {shapes}" in got["log"]
+
+
+def test_expert_filter_reads_only_the_owned_rows(make_model):
+    model = make_model(num_experts=6, routing={"group_size": 12})
+    cfg = read_config(model)
+    full = load_model(model, cfg)
+    part = load_model(model, cfg, experts={1: [0, 2, 3], 3: []})
+    for name in ("w_gate", "w_up", "w_down"):
+        torch.testing.assert_close(getattr(part.layers[1].moe, name),
+                                   getattr(full.layers[1].moe, name)[[0, 2, 3]], atol=0, rtol=0)
+        assert getattr(part.layers[3].moe, name).shape[0] == 0
+    torch.testing.assert_close(part.layers[1].moe.router, full.layers[1].moe.router)
+    torch.testing.assert_close(part.embed, full.embed)
+    with pytest.raises(ValueError, match="not MoE layers"):
+        load_model(model, cfg, experts={0: [1]})
+    with pytest.raises(ValueError, match="ascending"):
+        load_model(model, cfg, experts={1: [2, 1]})
+
+
+def test_executable_placement_checks_model_world_and_replicas(make_model):
+    cfg = read_config(make_model(num_experts=6, routing={"group_size": 12}))
+    plan = default_placement(cfg, 2)
+    assert executable_placement(plan, cfg, 2) is plan
+    with pytest.raises(PlanError, match="2 devices, expert parallelism runs 3 ranks"):
+        executable_placement(plan, cfg, 3)
+    with pytest.raises(PlanError, match="the plan is for a model"):
+        executable_placement(default_placement(read_config(make_model(num_experts=4)), 2),
+                             cfg, 2)
+    layers = {layer: ((0, 1), *hs[1:]) for layer, hs in plan.layers.items()}
+    replicated = Placement(plan.model, plan.devices, plan.strategy, layers)
+    assert replicated.replicated
+    with pytest.raises(PlanError, match="replicas is not supported yet"):
+        executable_placement(replicated, cfg, 2)
+
+
+def test_default_placement_and_home_ranges(make_model):
+    cfg = read_config(make_model(num_experts=6, routing={"group_size": 12}))
+    assert default_placement(cfg, 2).owners(1) == [0, 0, 0, 1, 1, 1]
+    assert default_placement(cfg, 4).owners(3) == [0, 0, 1, 1, 2, 3]
     for n in (1, 2, 5, 17):
         for world in (2, 3):
             spans = [home_range(r, world, n) for r in range(world)]
@@ -61,8 +139,9 @@ def test_contiguous_placement_and_home_ranges():
 
 
 def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp_path):
-    """`ecserve serve --expert-parallel 2`: greedy tokens over gRPC (sequence scope, two
-    concurrent streams) equal a single-process engine's."""
+    """`ecserve serve --expert-parallel 2 --placement PLAN` (a plan that differs per layer):
+    greedy tokens over gRPC (sequence scope, two concurrent streams) equal a single-process
+    engine's."""
     import os
     import signal
     import threading
@@ -85,6 +164,10 @@ def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp
         for ev in engine.step():
             want.setdefault(ev.request_id, []).append(ev.token_id)
 
+    base = default_placement(read_config(model), 2)
+    plan = save_plan(Placement(base.model, base.devices, "affinity", {
+        1: tuple((e % 2,) for e in range(6)), 3: tuple((int(e < 3),) for e in range(6))}),
+        tmp_path / "plan.json")
     port = free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "ECSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
@@ -94,7 +177,8 @@ def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp
             [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--host",
              "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--device", "cpu",
              "--dtype", "float32", "--kv-cache-bytes", str(1 << 22), "--torch-threads", "1",
-             "--expert-parallel", "2"], stdout=log, stderr=subprocess.STDOUT, env=env)
+             "--expert-parallel", "2", "--placement", str(plan)],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         end = time.monotonic() + 60
         while True:
@@ -129,3 +213,25 @@ def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_serve_placement_is_checked_before_anything_starts(make_model, tmp_path, capsys):
+    """`ecserve serve --expert-parallel N --placement PLAN`: a plan for another N, another
+    model, or without --expert-parallel exits 2 with the reason, before loading or serving."""
+    from ecserve.cli import main
+
+    model = make_model(num_experts=6, routing={"group_size": 12})
+    plan = save_plan(default_placement(read_config(model), 2), tmp_path / "plan.json")
+    other = save_plan(default_placement(read_config(make_model()), 2), tmp_path / "other.json")
+    base = ["serve", "--model", str(model), "--device", "cpu", "--torch-threads", "2",
+            "--port", "0", "--metrics-port", "0"]
+    cases = [
+        (["--placement", str(plan)], "--placement needs --expert-parallel"),
+        (["--expert-parallel", "3", "--placement", str(plan)],
+         "2 devices, expert parallelism runs 3 ranks"),
+        (["--expert-parallel", "2", "--placement", str(other)], "the plan is for a model"),
+        (["--expert-parallel", "2", "--placement", str(tmp_path / "none.json")], "none.json"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err

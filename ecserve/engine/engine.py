@@ -28,7 +28,7 @@ from ecserve.engine.sampler import sample, token_logprobs
 from ecserve.engine.sequence import Sequence
 from ecserve.engine.stop import StopMatcher
 from ecserve.model.default import default_model_dir
-from ecserve.model.weights import TORCH_DTYPES, load_model, read_config
+from ecserve.model.weights import TORCH_DTYPES, ExpertFilter, load_model, read_config
 from ecserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 from ecserve.types import (
     FinishReason,
@@ -74,7 +74,11 @@ class EngineObserver(Protocol):
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path | None = None, cfg: EngineConfig | None = None):
+    def __init__(self, model_dir: str | Path | None = None, cfg: EngineConfig | None = None,
+                 *, experts: ExpertFilter | None = None):
+        """experts (expert parallelism): load only these experts of each MoE layer
+        (ecserve.model.weights.ExpertFilter); the model then needs
+        ecserve.parallel.moe_ep.shard_experts before its first step."""
         self.cfg = cfg = cfg or EngineConfig()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.model_name = self.model_dir.name if model_dir is not None else "default"
@@ -97,7 +101,8 @@ class Engine:
         device = torch.device(cfg.device if cfg.device != "auto"
                               else "cuda" if torch.cuda.is_available() else "cpu")
         self.device, self.dtype_name = device, cfg.dtype or mc.dtype
-        model = load_model(self.model_dir, mc, device, TORCH_DTYPES[self.dtype_name])
+        model = load_model(self.model_dir, mc, device, TORCH_DTYPES[self.dtype_name],
+                           experts=experts)
         num_blocks = self._num_kv_blocks(model, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +22,32 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # MoELayer's stacked expert tensors [E, ...]
+
+# The expert-parallel seam: MoE layer index -> the experts (ascending) this process keeps. The
+# layers' stacked expert tensors are then read and built as [E_own, ...]; every other tensor in
+# full. None: all experts (the ordinary single-process load).
+ExpertFilter = Mapping[int, Sequence[int]]
+
+
+def expert_rows(cfg: ModelConfig, experts: ExpertFilter | None) -> dict[str, list[int]]:
+    """Tensor name -> the dim-0 rows (experts) to keep, for the filtered expert tensors."""
+    if experts is None:
+        return {}
+    moe = set(cfg.moe_layers or ())
+    extra = sorted(set(experts) - moe)
+    if extra:
+        raise CheckpointError(f"expert filter names layer(s) {extra}, which are not MoE layers "
+                              f"(the model's are {sorted(moe)})")
+    rows: dict[str, list[int]] = {}
+    for layer, keep in experts.items():
+        keep = list(keep)
+        if keep != sorted(set(keep)) or any(not 0 <= e < cfg.num_experts for e in keep):
+            raise CheckpointError(f"expert filter for layer {layer}: {keep} is not an ascending "
+                                  f"list of distinct experts in [0, {cfg.num_experts})")
+        for w in EXPERT_WEIGHTS:
+            rows[f"layers.{layer}.moe.{w}"] = keep
+    return rows
 
 
 class CheckpointError(ValueError):
@@ -87,13 +114,36 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     )
 
 
-def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Read and check every tensor; errors list all problems at once."""
+def _read_rows(f, name: str, rows: list[int]) -> torch.Tensor:
+    """Only `rows` of a stored tensor's dim 0, read as slices of contiguous runs."""
+    sl = f.get_slice(name)
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append(sl[rows[start]: rows[i - 1] + 1])
+            start = i
+    if not runs:  # this process holds none of the layer's experts
+        return sl[0:0]
+    return torch.cat(runs) if len(runs) > 1 else runs[0]
+
+
+def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig,
+                    experts: ExpertFilter | None = None) -> dict[str, torch.Tensor]:
+    """Read and check every tensor; errors list all problems at once.
+
+    experts: keep only these experts of each listed MoE layer (their tensors come back as
+    [E_own, ...], read from safetensors as slices, so the other experts are never read)."""
     model_dir = Path(model_dir)
+    rows = expert_rows(cfg, experts)
     if cfg.model_type != "ecserve":  # a Hugging Face checkpoint: its names, mapped to ours
         from ecserve.model.hf.tensors import load_hf_state_dict
 
-        return load_hf_state_dict(model_dir, cfg)
+        # Hugging Face layouts store experts per tensor or fused: read whole, then keep the
+        # rows (the memory saving of the filter applies to ecserve checkpoints only for now).
+        state = load_hf_state_dict(model_dir, cfg)
+        for name, keep in rows.items():
+            state[name] = state[name][keep].clone()
+        return state
     files = _tensor_files(model_dir)
     expected = expected_tensors(cfg)
     problems = []
@@ -114,8 +164,16 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig) -> dict[str,
                 if name not in stored:
                     problems.append(f"{name}: listed in the index but absent from {path.name}")
                     continue
-                t = f.get_tensor(name)
-                if tuple(t.shape) != expected[name]:
+                if name in rows:
+                    stored_shape = tuple(f.get_slice(name).get_shape())
+                    if stored_shape != expected[name]:
+                        problems.append(f"{name}: shape {list(stored_shape)}, expected "
+                                        f"{list(expected[name])}")
+                        continue
+                    t = _read_rows(f, name, rows[name])
+                else:
+                    t = f.get_tensor(name)
+                if name not in rows and tuple(t.shape) != expected[name]:
                     problems.append(
                         f"{name}: shape {list(t.shape)}, expected {list(expected[name])}"
                     )
@@ -132,12 +190,22 @@ def load_model(
     cfg: ModelConfig,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    experts: ExpertFilter | None = None,
 ) -> Transformer:
-    """Build the model from a checked checkpoint, in `dtype` (default: the config's)."""
+    """Build the model from a checked checkpoint, in `dtype` (default: the config's).
+
+    experts (expert parallelism): each listed MoE layer holds only those experts, its
+    w_gate/w_up/w_down [E_own, ...] in the listed order; the rest of the model is whole."""
     dtype = dtype or TORCH_DTYPES[cfg.dtype]
-    state = load_state_dict(model_dir, cfg)
+    state = load_state_dict(model_dir, cfg, experts)
     with torch.device("meta"):
         model = Transformer(cfg)
+    for name in expert_rows(cfg, experts):  # shrink the meta parameters to the kept rows
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        shape = tuple(state[name].shape)
+        with torch.device("meta"):
+            setattr(module, attr, torch.nn.Parameter(torch.empty(shape), requires_grad=False))
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 
 from ecserve.engine.runner import ModelRunner
-from ecserve.parallel.group import ParallelGroup, Placement, destroy_group, free_port, init_group
-from ecserve.parallel.moe_ep import shard_experts
+from ecserve.parallel.group import ParallelGroup, destroy_group, free_port, init_group
+from ecserve.parallel.moe_ep import default_placement, executable_placement, shard_experts
+from ecserve.placement.plan import Placement
 from ecserve.types import MoEStats, StepPlan
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,21 @@ class DriverRunner(ModelRunner):
 
 
 class ExpertParallel:
-    """Rank 0's handle on an expert-parallel group of local worker processes (127.0.0.1)."""
+    """Rank 0's handle on an expert-parallel group of local worker processes (127.0.0.1).
+
+    placement: the planner's per-layer plan over `world` devices (None: the balanced one);
+    rank r runs the experts whose primary device is r. For the smallest rank-0 footprint, build
+    the engine with `Engine(..., experts=owned_experts(placement, 0))` (it then never loads the
+    other experts); an engine holding all experts works too (they are dropped here)."""
 
     def __init__(self, engine, world: int, placement: Placement | None = None,
                  port: int | None = None, backend: str = "gloo",
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, worker_threads: int | None = None) -> None:
         if world < 2:
             raise ValueError(f"expert parallelism needs 2 or more ranks, got {world}")
+        if placement is not None:  # before starting any process
+            executable_placement(placement, engine.model_cfg, world)
+        self.worker_threads = worker_threads
         port = port or free_port()
         self.workers = [
             subprocess.Popen([sys.executable, "-m", "ecserve.parallel.worker", "--rank", str(r),
@@ -69,7 +78,7 @@ class ExpertParallel:
         ]
         try:
             group = init_group(0, world, port=port, backend=backend, timeout_s=timeout_s)
-            self.runner = enable_expert_parallel(engine, group, placement)
+            self.runner = enable_expert_parallel(engine, group, placement, worker_threads)
         except BaseException:
             self._reap(0)
             raise
@@ -92,12 +101,13 @@ class ExpertParallel:
                 p.wait()
 
 
-def enable_expert_parallel(engine, group: ParallelGroup,
-                           placement: Placement | None = None) -> DriverRunner:
+def enable_expert_parallel(engine, group: ParallelGroup, placement: Placement | None = None,
+                           worker_threads: int | None = None) -> DriverRunner:
     """Rank 0, after joining the group: send the workers what to load, keep only rank 0's
     experts, and run the engine's steps in lockstep with them."""
     mc = engine.model_cfg
-    placement = placement or Placement.contiguous(mc.num_experts, group.world)
+    placement = executable_placement(placement or default_placement(mc, group.world), mc,
+                                     group.world)
     runner = engine.runner
     broadcast({
         "model_dir": str(engine.model_dir),
@@ -107,7 +117,7 @@ def enable_expert_parallel(engine, group: ParallelGroup,
         "block_size": engine.cfg.block_size,
         "kernels": runner.kernels,
         "placement": placement,
-        "num_threads": torch.get_num_threads(),
+        "num_threads": worker_threads or torch.get_num_threads(),
     })
     shard_experts(runner.model, group, placement)
     engine.runner = DriverRunner(runner, group)

@@ -1,4 +1,4 @@
-"""The process group for expert parallelism and the expert placement (expert -> owner rank)."""
+"""The process group for expert parallelism (the placement is ecserve.placement.Placement)."""
 
 from __future__ import annotations
 
@@ -21,25 +21,6 @@ class ParallelGroup:
     def is_driver(self) -> bool:
         """Rank 0 runs the engine (batcher, sampler, server); the others follow its steps."""
         return self.rank == 0
-
-
-@dataclass(frozen=True)
-class Placement:
-    """owner[e]: the rank holding expert e's weights (the same for every MoE layer here)."""
-
-    owner: tuple[int, ...]
-
-    @staticmethod
-    def contiguous(num_experts: int, world: int) -> Placement:
-        """Balanced contiguous blocks: expert e on rank e * world // E."""
-        if world > num_experts:
-            raise ValueError(f"expert parallelism over {world} ranks needs at least {world} "
-                             f"experts, the model has {num_experts}")
-        return Placement(tuple(e * world // num_experts for e in range(num_experts)))
-
-    def owned(self, rank: int) -> list[int]:
-        """The experts `rank` holds, ascending."""
-        return [e for e, r in enumerate(self.owner) if r == rank]
 
 
 def free_port() -> int:

@@ -7,16 +7,56 @@ the expert's owner with all_to_all_single; the owner runs GLU_e on them; the out
 the same way; the home rank applies the gates and sums in float32 in ascending expert order
 (index_add_ in expert-major order, as MoELayer.combine does), and an all-gather gives every
 rank the whole [N, d] result.
+
+The placement is the planner's (ecserve.placement.Placement), per MoE layer: an expert's primary
+device is the rank owning it. Plans with replicas are refused for now (executable_placement).
+
+Traffic counter: each call all-gathers every rank's send counts (the split sizes it is about to
+use, W ints per rank, in place of an all_to_all of the same counts), so every rank knows the
+layer's whole W x W matrix of token rows dispatched, rows[src, dst]; `traffic` accumulates it.
+Off-diagonal rows are the cross-device tokens moved (one direction; the results come back over
+the same pairs), comparable to the planner's prediction with dedup=False.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ecserve.config import ModelConfig
 from ecserve.model.moe import MoELayer
-from ecserve.parallel.group import ParallelGroup, Placement
+from ecserve.parallel.group import ParallelGroup
+from ecserve.placement.balanced import balanced_placement
+from ecserve.placement.plan import Device, ModelShape, Placement, PlanError
+
+
+def default_placement(cfg: ModelConfig, world: int) -> Placement:
+    """The balanced contiguous plan: equal (+-1) runs of experts per rank, every layer."""
+    return balanced_placement(ModelShape.of(cfg), tuple(Device(r) for r in range(world)))
+
+
+def executable_placement(plan: Placement, cfg: ModelConfig, world: int) -> Placement:
+    """The plan, if the executor can run it for this model over `world` ranks; else PlanError."""
+    plan.check_model(cfg)
+    if plan.num_devices != world:
+        raise PlanError(f"the plan places experts on {plan.num_devices} devices, expert "
+                        f"parallelism runs {world} ranks")
+    if plan.replicated:
+        copies = [(layer, e, list(h)) for layer, hs in sorted(plan.layers.items())
+                  for e, h in enumerate(hs) if len(h) > 1]
+        layer, e, h = copies[0]
+        raise PlanError(f"the plan replicates {len(copies)} expert(s) (e.g. layer {layer} expert "
+                        f"{e} on devices {h}); executing replicas is not supported yet: plan "
+                        "without --replicate")
+    return plan
+
+
+def owned_experts(plan: Placement, rank: int) -> dict[int, list[int]]:
+    """MoE layer -> the experts `rank` owns (ascending): the weight loader's expert filter."""
+    return {layer: plan.experts_on(layer, rank, primary_only=True) for layer in plan.layers}
 
 
 def home_range(rank: int, world: int, n: int) -> tuple[int, int]:
@@ -27,19 +67,29 @@ def home_range(rank: int, world: int, n: int) -> tuple[int, int]:
 class ExpertParallelCombine:
     """Installed as `layer.expert_parallel`; keeps only this rank's experts in `layer`."""
 
-    def __init__(self, layer: MoELayer, group: ParallelGroup, placement: Placement) -> None:
-        e = layer.w_gate.shape[0]
-        if len(placement.owner) != e:
-            raise ValueError(f"placement covers {len(placement.owner)} experts, layer "
-                             f"{layer.layer} has {e}")
+    def __init__(self, layer: MoELayer, group: ParallelGroup, owners: Sequence[int]) -> None:
+        """owners[e]: the rank holding expert e of this layer. The layer holds either all E
+        experts (the ones this rank does not own are dropped here) or exactly the owned ones
+        already (loaded with the weight loader's expert filter)."""
+        e = layer.router.shape[0]
+        if len(owners) != e:
+            raise ValueError(f"placement covers {len(owners)} experts, layer {layer.layer} "
+                             f"has {e}")
         self.layer = layer
         self.rank, self.world = group.rank, group.world
-        self.owned = placement.owned(group.rank)
-        self.owner = torch.tensor(placement.owner, dtype=torch.long)  # [E]
-        # Keep only the owned experts' weights ([E_own, ...], in ascending expert order).
-        for name in ("w_gate", "w_up", "w_down"):
-            w = getattr(layer, name)
-            setattr(layer, name, nn.Parameter(w[self.owned].clone(), requires_grad=False))
+        self.owned = [x for x, r in enumerate(owners) if r == group.rank]
+        self.owner = torch.tensor(list(owners), dtype=torch.long)  # [E]
+        held = layer.w_gate.shape[0]
+        if held == e and len(self.owned) != e:
+            # Keep only the owned experts' weights ([E_own, ...], in ascending expert order).
+            for name in ("w_gate", "w_up", "w_down"):
+                w = getattr(layer, name)
+                setattr(layer, name, nn.Parameter(w[self.owned].clone(), requires_grad=False))
+        elif held != len(self.owned):
+            raise ValueError(f"layer {layer.layer} holds {held} experts; rank {self.rank} owns "
+                             f"{len(self.owned)} of {e}")
+        self.traffic = torch.zeros(self.world, self.world, dtype=torch.long)  # rows[src, dst]
+        self.calls = 0
         layer.expert_parallel = self
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -54,9 +104,12 @@ class ExpertParallelCombine:
         dest = self.owner.to(exp.device)[exp]  # [P]
         perm = torch.sort(dest, stable=True).indices  # grouped by owner, expert-major within
         send_counts = torch.bincount(dest, minlength=self.world)  # [W]
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
+        counts = [torch.empty_like(send_counts) for _ in range(self.world)]
+        dist.all_gather(counts, send_counts)  # every rank's split sizes: [W, W] rows[src, dst]
+        matrix = torch.stack(counts)
+        self.traffic += matrix.cpu()
+        self.calls += 1
+        send, recv = send_counts.tolist(), matrix[:, self.rank].tolist()
         recv_x = x.new_empty(sum(recv), d)
         dist.all_to_all_single(recv_x, x[tok[perm]].contiguous(), recv, send)
         recv_e = exp.new_empty(sum(recv))
@@ -95,7 +148,28 @@ class ExpertParallelCombine:
 
 
 def shard_experts(model: nn.Module, group: ParallelGroup, placement: Placement) -> None:
-    """Make every MoE layer of `model` expert-parallel: own experts only, dispatch across ranks."""
+    """Make every MoE layer of `model` expert-parallel: own experts only, dispatch across ranks
+    (layer l's expert e on rank placement.owners(l)[e])."""
+    if placement.replicated:
+        raise PlanError("executing a placement with replicas is not supported yet")
     for block in model.layers:
         if block.moe is not None:
-            ExpertParallelCombine(block.moe, group, placement)
+            ExpertParallelCombine(block.moe, group, placement.owners(block.moe.layer))
+
+
+def combines(model: nn.Module) -> dict[int, ExpertParallelCombine]:
+    """MoE layer -> its expert-parallel combine (empty when the model is not sharded)."""
+    return {b.moe.layer: b.moe.expert_parallel for b in model.layers
+            if b.moe is not None and isinstance(b.moe.expert_parallel, ExpertParallelCombine)}
+
+
+def traffic(model: nn.Module) -> dict[int, tuple[torch.Tensor, int]]:
+    """MoE layer -> (int64 [W, W] token rows dispatched rows[src, dst] so far, calls so far).
+    Off the diagonal: rows that crossed devices. Every rank has the same figures."""
+    return {layer: (c.traffic.clone(), c.calls) for layer, c in combines(model).items()}
+
+
+def reset_traffic(model: nn.Module) -> None:
+    for c in combines(model).values():
+        c.traffic.zero_()
+        c.calls = 0

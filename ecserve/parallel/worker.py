@@ -14,7 +14,7 @@ from ecserve.engine.runner import ModelRunner
 from ecserve.model.weights import TORCH_DTYPES, load_model, read_config
 from ecserve.parallel.driver import broadcast
 from ecserve.parallel.group import ParallelGroup, destroy_group, init_group
-from ecserve.parallel.moe_ep import shard_experts
+from ecserve.parallel.moe_ep import owned_experts, shard_experts
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,15 @@ def run_worker(group: ParallelGroup) -> int:
     assert isinstance(setup, dict)
     torch.set_num_threads(setup["num_threads"])
     cfg = read_config(setup["model_dir"])
-    # This slice loads the whole checkpoint and then keeps the owned experts (shard_experts).
+    # Only this rank's experts are read from the checkpoint (the loader's expert filter).
     model = load_model(setup["model_dir"], cfg, torch.device(setup["device"]),
-                       TORCH_DTYPES[setup["dtype"]])
+                       TORCH_DTYPES[setup["dtype"]],
+                       experts=owned_experts(setup["placement"], group.rank))
     runner = ModelRunner(model, setup["num_blocks"], setup["block_size"], setup["kernels"])
     shard_experts(model, group, setup["placement"])
+    log.info("expert-parallel worker %d holds experts %s; w_gate shapes %s", group.rank,
+             owned_experts(setup["placement"], group.rank),
+             {b.moe.layer: list(b.moe.w_gate.shape) for b in model.layers if b.moe is not None})
     steps = 0
     while True:
         kind, plan = broadcast(None)
