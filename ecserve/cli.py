@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="run the MoE experts across N processes on this machine (torch."
                           "distributed, gloo): this one serves, N-1 workers hold the other "
                           "experts (default 1: one process)")
+    srv.add_argument("--torchrun", action="store_true",
+                     help="expert parallelism across the processes torchrun started (on one or "
+                          "more machines): rank 0 serves, the others hold experts")
     srv.add_argument("--placement", metavar="PLAN.json",
                      help="with --expert-parallel N: the expert placement to run, a plan from "
                           "`ecserve plan --devices N --save PLAN.json` (per MoE layer; rank r "
@@ -213,34 +216,17 @@ def _serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     engine_cfg, server_cfg = _engine_config(args), _config(ServerConfig, args)
     model = args.model or os.environ.get("ECSERVE_MODEL") or None
-    if args.expert_parallel <= 1:
+    if args.expert_parallel <= 1 and not args.torchrun:
         if args.placement:
             raise ValueError("--placement needs --expert-parallel N with N >= 2")
         return serve(lambda: Engine(model, engine_cfg), server_cfg)
-    from ecserve.model.default import default_model_dir
-    from ecserve.model.weights import read_config
-    from ecserve.parallel.driver import ExpertParallel
-    from ecserve.parallel.moe_ep import default_placement, executable_placement, owned_experts
-    from ecserve.placement.plan import load_plan
+    if args.torchrun and args.expert_parallel > 1:
+        raise ValueError("--torchrun takes the number of ranks from torchrun; drop "
+                         "--expert-parallel")
+    from ecserve.parallel.launch import serve_expert_parallel
 
-    # The plan is checked against the model and N before any process starts.
-    model_cfg = read_config(model or default_model_dir())
-    world = args.expert_parallel
-    placement = (executable_placement(load_plan(args.placement, model_cfg), model_cfg, world)
-                 if args.placement else default_placement(model_cfg, world))
-    groups: list[ExpertParallel] = []
-
-    def load() -> Engine:
-        # Rank 0 reads only its own experts from the checkpoint, as the workers do.
-        engine = Engine(model, engine_cfg, experts=owned_experts(placement, 0))
-        groups.append(ExpertParallel(engine, world, placement))
-        return engine
-
-    try:
-        return serve(load, server_cfg)
-    finally:
-        for group in groups:  # after the drain: the engine thread has stopped
-            group.close()
+    return serve_expert_parallel(model, engine_cfg, server_cfg, args.expert_parallel,
+                                 args.placement, args.torchrun)
 
 
 def _client(args: argparse.Namespace) -> int:

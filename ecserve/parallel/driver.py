@@ -63,12 +63,17 @@ class ExpertParallel:
 
     def __init__(self, engine, world: int, placement: Placement | None = None,
                  port: int | None = None, backend: str = "gloo",
-                 timeout_s: float = 600.0, worker_threads: int | None = None) -> None:
+                 timeout_s: float = 600.0, worker_threads: int | None = None,
+                 group: ParallelGroup | None = None) -> None:
         if world < 2:
             raise ValueError(f"expert parallelism needs 2 or more ranks, got {world}")
         if placement is not None:  # before starting any process
             executable_placement(placement, engine.model_cfg, world)
         self.worker_threads = worker_threads
+        self.workers: list[subprocess.Popen[bytes]] = []
+        if group is not None:  # joined already (torchrun started the other ranks)
+            self.runner = enable_expert_parallel(engine, group, placement, worker_threads)
+            return
         port = port or free_port()
         self.workers = [
             subprocess.Popen([sys.executable, "-m", "ecserve.parallel.worker", "--rank", str(r),

@@ -40,6 +40,17 @@ def init_group(rank: int, world: int, addr: str = "127.0.0.1", port: int = 29500
     return ParallelGroup(rank, world)
 
 
+def init_from_env(backend: str = "gloo", timeout_s: float = 600.0) -> ParallelGroup:
+    """Join the group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if k not in os.environ]
+    if missing:
+        raise ValueError(f"--torchrun: {', '.join(missing)} not set; start ecserve with torchrun")
+    dist.init_process_group(backend, init_method="env://",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return ParallelGroup(dist.get_rank(), dist.get_world_size())
+
+
 def destroy_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

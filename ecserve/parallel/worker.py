@@ -19,14 +19,21 @@ from ecserve.parallel.moe_ep import owned_experts, shard_experts
 log = logging.getLogger(__name__)
 
 
-def run_worker(group: ParallelGroup) -> int:
-    """Build this rank's model and KV cache from rank 0's setup, then run steps until 'stop'."""
+def run_worker(group: ParallelGroup, local_rank: int | None = None) -> int:
+    """Build this rank's model and KV cache from rank 0's setup, then run steps until 'stop'.
+
+    The model directory must exist at the same path on every machine. On CUDA each rank uses
+    the device of its local rank (torchrun's LOCAL_RANK; the rank on one machine)."""
     setup = broadcast(None)
     assert isinstance(setup, dict)
     torch.set_num_threads(setup["num_threads"])
+    device = torch.device(setup["device"])
+    if device.type == "cuda":
+        device = torch.device("cuda", group.rank if local_rank is None else local_rank)
+        torch.cuda.set_device(device)
     cfg = read_config(setup["model_dir"])
     # Only this rank's experts are read from the checkpoint (the loader's expert filter).
-    model = load_model(setup["model_dir"], cfg, torch.device(setup["device"]),
+    model = load_model(setup["model_dir"], cfg, device,
                        TORCH_DTYPES[setup["dtype"]],
                        experts=owned_experts(setup["placement"], group.rank))
     runner = ModelRunner(model, setup["num_blocks"], setup["block_size"], setup["kernels"])
