@@ -49,7 +49,10 @@ POW2_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192 tokens
 class Metrics:
     """The exporter: an EngineObserver (engine.observer = metrics) with its own registry."""
 
-    def __init__(self, model_cfg: ModelConfig, device: str, expert_mode: str = "full") -> None:
+    def __init__(self, model_cfg: ModelConfig, device: str, expert_mode: str = "full",
+                 experts_on_device: int | None = None) -> None:
+        """experts_on_device: expert weights this process holds, all MoE layers together
+        (fewer than layers x experts under expert parallelism); None: all of them."""
         if expert_mode not in EXPERT_MODES:
             raise ValueError(f"expert_metrics must be one of {', '.join(EXPERT_MODES)}, "
                              f"got {expert_mode!r}")
@@ -108,7 +111,9 @@ class Metrics:
                 lambda: torch.cuda.max_memory_allocated(device))
         moe_layers = list(model_cfg.moe_layers or ())
         Gauge("ecserve_device_experts", "Experts placed on the device (all MoE layers).",
-              ["device"], registry=r).labels(device).set(len(moe_layers) * model_cfg.num_experts)
+              ["device"], registry=r).labels(device).set(
+            len(moe_layers) * model_cfg.num_experts if experts_on_device is None
+            else experts_on_device)
         self.routing = RoutingCollector(moe_layers, model_cfg.num_experts,
                                         model_cfg.routing.policy, expert_mode)
         r.register(self.routing)

@@ -73,7 +73,10 @@ class Server:
         """After the warm-up, so its generation is not counted."""
         if not self.cfg.metrics:
             return
-        self.metrics = Metrics(engine.model_cfg, str(engine.device), self.cfg.expert_metrics)
+        held = sum(block.moe.w_gate.shape[0] for block in engine.runner.model.layers
+                   if block.moe is not None)  # this rank's share under expert parallelism
+        self.metrics = Metrics(engine.model_cfg, str(engine.device), self.cfg.expert_metrics,
+                               held)
         host = self.cfg.metrics_host or self.cfg.host
         self._metrics_http, _ = self.metrics.serve(host, self.cfg.metrics_port)
         self.metrics_port = self._metrics_http.server_port
