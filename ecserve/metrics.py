@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,9 +50,12 @@ class Metrics:
     """The exporter: an EngineObserver (engine.observer = metrics) with its own registry."""
 
     def __init__(self, model_cfg: ModelConfig, device: str, expert_mode: str = "full",
-                 experts_on_device: int | None = None) -> None:
+                 experts_on_device: int | None = None,
+                 exchange: Callable[[], dict[int, tuple[Any, int]]] | None = None) -> None:
         """experts_on_device: expert weights this process holds, all MoE layers together
-        (fewer than layers x experts under expert parallelism); None: all of them."""
+        (fewer than layers x experts under expert parallelism); None: all of them.
+        exchange: under expert parallelism, MoE layer -> ([W, W] token rows sent src -> dst
+        so far, calls), read at scrape time (ecserve.parallel.moe_ep.traffic)."""
         if expert_mode not in EXPERT_MODES:
             raise ValueError(f"expert_metrics must be one of {', '.join(EXPERT_MODES)}, "
                              f"got {expert_mode!r}")
@@ -117,6 +120,8 @@ class Metrics:
         self.routing = RoutingCollector(moe_layers, model_cfg.num_experts,
                                         model_cfg.routing.policy, expert_mode)
         r.register(self.routing)
+        if exchange is not None:
+            r.register(ExchangeCollector(exchange))
 
     # ---------------------------------------------------------------- EngineObserver
 
@@ -166,6 +171,24 @@ def _peak_rss_bytes() -> float:
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB else
+
+
+class ExchangeCollector(Collector):
+    """Expert parallelism: token rows each MoE layer dispatched between ranks."""
+
+    def __init__(self, source: Callable[[], dict[int, tuple[Any, int]]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Any]:
+        rows = CounterMetricFamily("ecserve_expert_parallel_rows", "Token rows the MoE layer "
+                                   "sent from rank src to the owner rank dst of their experts "
+                                   "(src != dst: rows that crossed devices).",
+                                   labels=["layer", "src", "dst"])
+        for layer, (matrix, _calls) in sorted(self.source().items()):
+            for src, row in enumerate(matrix.tolist()):
+                for dst, value in enumerate(row):
+                    rows.add_metric([str(layer), str(src), str(dst)], float(value))
+        yield rows
 
 
 class RoutingCollector(Collector):

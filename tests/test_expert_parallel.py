@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from expert_parallel_driver import engine_config, serve
+from prometheus_client.parser import text_string_to_metric_families
 
 from ecserve.engine.engine import Engine
 from ecserve.model.weights import load_model, read_config
@@ -174,8 +175,9 @@ def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "ECSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "serve.log"
+    metrics_port = free_port()
     serve_args = ["serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-                  "--metrics-port", "0", "--device", "cpu", "--dtype", "float32",
+                  "--metrics-port", str(metrics_port), "--device", "cpu", "--dtype", "float32",
                   "--kv-cache-bytes", str(1 << 22), "--torch-threads", "1",
                   "--placement", str(plan)]
     if launcher == "spawn":
@@ -212,6 +214,19 @@ def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp
         for t in threads:
             t.join(timeout=60)
         assert got == want, log_path.read_text()
+        # Rank 0's metrics: the experts it holds (3 per MoE layer under the plan) and rows that
+        # crossed to rank 1 and back.
+        import urllib.request
+
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+        samples = {(f.name, tuple(sorted(x.labels.items()))): x.value
+                   for f in text_string_to_metric_families(scrape.decode()) for x in f.samples}
+        assert samples[("ecserve_device_experts", (("device", "cpu"),))] == 6
+        for layer in ("1", "3"):
+            for src, dst in (("0", "1"), ("1", "0")):
+                key = ("ecserve_expert_parallel_rows",  # the parser drops _total
+                       (("dst", dst), ("layer", layer), ("src", src)))
+                assert samples.get(key, 0) > 0, [k for k in samples if "parallel" in k[0]]
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
         text = log_path.read_text()
