@@ -27,7 +27,6 @@ if not os.environ.get("ECSERVE_BENCH_CHILD"):
 import argparse
 import json
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from ecserve.client import Client
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
 from ecserve.loadtest import LoadTestConfig, run_load_test
+from ecserve.parallel.group import free_port
 from ecserve.types import Request, SamplingParams
 
 PROMPT_LEN = 16
@@ -76,12 +76,6 @@ def raw_all_cores(output_len: int) -> float:
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int) -> subprocess.Popen[bytes]:

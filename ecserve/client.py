@@ -18,7 +18,7 @@ from ecserve.v1 import generation_pb2 as pb
 from ecserve.v1 import generation_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-_SCOPES = {None: pb.ROUTING_SCOPE_UNSPECIFIED, "batch": pb.ROUTING_SCOPE_BATCH,
+ROUTING_SCOPES = {None: pb.ROUTING_SCOPE_UNSPECIFIED, "batch": pb.ROUTING_SCOPE_BATCH,
            "sequence": pb.ROUTING_SCOPE_SEQUENCE}
 
 
@@ -51,7 +51,7 @@ def build_request(
         ),
         response=pb.ResponseOptions(token_ids=token_ids, logprobs=logprobs,
                                     top_logprobs=top_logprobs),
-        routing_scope=_SCOPES[routing_scope],
+        routing_scope=ROUTING_SCOPES[routing_scope],
     )
     if isinstance(prompt, str):
         req.prompt = prompt

@@ -5,7 +5,6 @@ INVALID_ARGUMENT naming the field for a bad request."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from ecserve.parallel.group import free_port
+
 BIN = Path(sys.executable).parent
 HEALTH = "grpc.health.v1.Health/Check"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -27,6 +26,7 @@ from serving import ServerThread
 
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
+from ecserve.parallel.group import free_port
 
 PROMPTS = ("hi", "expert choice routing", "a somewhat longer prompt, so that prefill spans "
            "more than one routing group of the tiny model")
@@ -41,12 +41,6 @@ def need(binary: str) -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(s: ServerThread) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from serving import ServerThread
 from ecserve.client import Client, build_request
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
+from ecserve.parallel.group import free_port
 from ecserve.v1 import generation_pb2 as pb
 from ecserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -29,13 +29,6 @@ SERVICE = "ecserve.v1.GenerationService"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A port nothing listens on (free when this returns; tests bind it soon after)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def health(address: str, service: str = "") -> str:

@@ -46,10 +46,11 @@ class MoELayer(nn.Module):
         bias = None if self.router_bias is None else self.router_bias.float()
         return torch.softmax(F.linear(x.float(), self.router.float(), bias), dim=-1)  # [N, E]
 
-    def forward(
-        self, x: torch.Tensor, group_bounds: Sequence[int], time_experts: bool = False
-    ) -> tuple[torch.Tensor, MoEStats]:
-        # x: [N, d]; routing groups are the contiguous token ranges [b[i], b[i+1]).
+    def route(
+        self, x: torch.Tensor, group_bounds: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's routing: idx [E, K] step-wide token positions (-1: empty slot) and gate
+        [E, K] float32, every group's slots side by side."""
         scores = self.scores(x)  # [N, E]
         idx_parts, gate_parts = [], []
         # token_choice routes each token on its own, so the grouping changes nothing: route the
@@ -59,8 +60,13 @@ class MoELayer(nn.Module):
             r = route(scores[start:end], self.routing)
             idx_parts.append(torch.where(r.idx >= 0, r.idx + start, -1))  # [E, k_g] step-wide
             gate_parts.append(r.gate)
-        idx = torch.cat(idx_parts, dim=1)  # [E, K]: every group's slots side by side
-        gate = torch.cat(gate_parts, dim=1)  # [E, K]
+        return torch.cat(idx_parts, dim=1), torch.cat(gate_parts, dim=1)
+
+    def forward(
+        self, x: torch.Tensor, group_bounds: Sequence[int], time_experts: bool = False
+    ) -> tuple[torch.Tensor, MoEStats]:
+        # x: [N, d]; routing groups are the contiguous token ranges [b[i], b[i+1]).
+        idx, gate = self.route(x, group_bounds)  # [E, K] each
         y = self.combine(x, idx, gate)  # [N, d] float32
         if self.shared is not None:
             shared = self.shared(x)  # [N, d]

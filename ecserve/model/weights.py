@@ -173,16 +173,22 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig,
                     t = _read_rows(f, name, rows[name])
                 else:
                     t = f.get_tensor(name)
-                if name not in rows and tuple(t.shape) != expected[name]:
-                    problems.append(
-                        f"{name}: shape {list(t.shape)}, expected {list(expected[name])}"
-                    )
-                elif not t.is_floating_point():
-                    problems.append(f"{name}: dtype {t.dtype}, expected a floating-point tensor")
+                problem = tensor_problem(name, t, None if name in rows else expected[name])
+                if problem is not None:
+                    problems.append(problem)
                 state[name] = t
     if problems:
         raise CheckpointError(f"{model_dir}: " + "; ".join(problems))
     return state
+
+
+def tensor_problem(label: str, t: torch.Tensor, shape: tuple[int, ...] | None) -> str | None:
+    """What is wrong with a loaded tensor, or None (shape None: checked before reading)."""
+    if shape is not None and tuple(t.shape) != shape:
+        return f"{label}: shape {list(t.shape)}, expected {list(shape)}"
+    if not t.is_floating_point():
+        return f"{label}: dtype {t.dtype}, expected a floating-point tensor"
+    return None
 
 
 def load_model(

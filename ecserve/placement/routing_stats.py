@@ -7,15 +7,13 @@ which needs each token's whole expert set, not only the pairs.
 
 They come from explicit assignments (RoutingStats.from_assignments, for constructed workloads) or
 from a real engine run (collect_routing_stats): a forward pre-hook on every MoELayer recomputes
-the layer's routing from its input, exactly as MoELayer.forward does (router scores, then
-`ecserve.routing.route` per routing group; token_choice routes the whole step at once), without
+the layer's routing from its input with MoELayer.route, the method MoELayer.forward uses, without
 touching the model. The recomputation is checked against the engine's own MoEStats per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,15 +86,11 @@ def synthetic_prompts(num: int, vocab: int, exclude: Iterable[int | None] = (),
 def step_assignment(layer: torch.nn.Module, x: torch.Tensor,
                     group_bounds: Sequence[int]) -> torch.Tensor:
     """bool [N, E]: the routing MoELayer.forward computes for input x, recomputed."""
-    from ecserve.routing import route
-
-    scores = layer.scores(x)  # [N, E] float32
-    bounds = (0, x.shape[0]) if layer.routing.policy == "token_choice" else group_bounds
-    a = torch.zeros(scores.shape, dtype=torch.bool)
-    for start, end in itertools.pairwise(bounds):
-        idx = route(scores[start:end], layer.routing).idx.cpu()  # [E, k], -1 empty
-        e, slot = (idx >= 0).nonzero(as_tuple=True)
-        a[idx[e, slot] + start, e] = True
+    idx, _ = layer.route(x, group_bounds)  # [E, K] step-wide, -1 empty
+    idx = idx.cpu()
+    a = torch.zeros(x.shape[0], idx.shape[0], dtype=torch.bool)
+    e, slot = (idx >= 0).nonzero(as_tuple=True)
+    a[idx[e, slot], e] = True
     return a
 
 

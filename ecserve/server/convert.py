@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from google.protobuf.message import DecodeError, Message
 
+from ecserve.client import ROUTING_SCOPES
 from ecserve.config import ServerConfig
 from ecserve.server.wire import bad_utf8_field
 from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent
@@ -20,9 +21,8 @@ class InvalidArgument(ValueError):
     """A request field the server cannot accept; the message starts with the field's name."""
 
 
-SCOPES = {pb.ROUTING_SCOPE_UNSPECIFIED: None, pb.ROUTING_SCOPE_BATCH: "batch",
-          pb.ROUTING_SCOPE_SEQUENCE: "sequence"}
-SCOPE_ENUMS = {v: k for k, v in SCOPES.items() if v is not None}
+SCOPES = {enum: name for name, enum in ROUTING_SCOPES.items()}  # proto -> engine
+SCOPE_ENUMS = {name: enum for name, enum in ROUTING_SCOPES.items() if name is not None}
 STOP_REASONS = {
     FinishReason.LENGTH: pb.STOP_REASON_MAX_TOKENS,
     FinishReason.EOS: pb.STOP_REASON_EOS_TOKEN,

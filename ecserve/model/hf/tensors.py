@@ -17,7 +17,13 @@ from typing import NamedTuple
 import torch
 
 from ecserve.config import ModelConfig
-from ecserve.model.weights import CheckpointError, _open, _tensor_files, expected_tensors
+from ecserve.model.weights import (
+    CheckpointError,
+    _open,
+    _tensor_files,
+    expected_tensors,
+    tensor_problem,
+)
 
 # Buffers some checkpoints carry that ecserve recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -148,11 +154,9 @@ def load_hf_state_dict(model_dir: str | Path, cfg: ModelConfig) -> dict[str, tor
 
         for name, src in sources.items():
             t = _build(src, read)
-            if tuple(t.shape) != expected[name]:
-                problems.append(f"{src.names[0]} (ecserve {name}): shape {list(t.shape)}, "
-                                f"expected {list(expected[name])}")
-            elif not t.is_floating_point():
-                problems.append(f"{src.names[0]}: dtype {t.dtype}, expected floating point")
+            problem = tensor_problem(f"{src.names[0]} (ecserve {name})", t, expected[name])
+            if problem is not None:
+                problems.append(problem)
             state[name] = t
     if problems:
         raise CheckpointError(f"{model_dir}: " + "; ".join(problems))
