@@ -11,6 +11,9 @@ implementation, and
   ec_over_top2_step_time   expert-choice layer step (router, selection, experts, combine) over a
                            top-2 token-choice layer with GShard capacity C = ceil(cf * 2N / E),
                            cf = --tc-capacity-factor, at equal active FLOPs (goal <= 0.8)
+and the whole decode step (rows `decode_step`: 1, 8 and --decode-tokens sequences at
+--decode-context) eager and replayed from a CUDA graph, against the bandwidth floor (weights
+and live KV bytes over the measured copy bandwidth).
 On a CPU it times the twins only (Triton runs on the CPU only interpreted, which says nothing
 about speed), and writes the JSON with the ratios null and a note saying so.
 """
@@ -198,6 +201,73 @@ def copy_bandwidth(t) -> float:
     return 2 * src.numel() / t(lambda: dst.copy_(src))
 
 
+def decode_model(args: argparse.Namespace, dt: torch.dtype, device: str):
+    """A random all-MoE model at the bench's expert shapes, built on the device (no file)."""
+    from ecserve.config import ModelConfig, RoutingConfig
+    from ecserve.model.transformer import Transformer
+
+    cfg = ModelConfig(
+        vocab_size=32000, hidden_size=args.d, num_layers=args.decode_layers, num_heads=16,
+        num_kv_heads=4, ffn_hidden_size=args.f, num_experts=args.experts,
+        expert_ffn_hidden_size=args.f, max_position_embeddings=args.decode_context,
+        routing=RoutingConfig(policy="capped", capacity_factor=args.capacity_factor,
+                              group_size=64, scope="batch"))
+    with torch.device(device):
+        model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return model.to(dt).eval()
+
+
+def bench_decode_step(t, args: argparse.Namespace, dt: torch.dtype, copy_bw: float,
+                      device: str = "cuda", capture: bool = True) -> list[dict[str, Any]]:
+    """The whole decode step (host plan to logits on the host) eager and replayed from a CUDA
+    graph, against the bandwidth floor: every weight and every live KV byte read once.
+    (device="cpu", capture=False: the same steps over static buffers, under Triton's
+    interpreter; the tests run it that way.)"""
+    from ecserve.engine.grouping import batch_group_sizes
+    from ecserve.engine.runner import ModelRunner
+    from ecserve.types import ScheduledChunk, StepPlan
+
+    model = decode_model(args, dt, device)
+    cfg, bs, ctx = model.cfg, 16, args.decode_context
+    sizes = sorted({1, 8, args.decode_tokens})
+    per_seq = ctx // bs
+    eager, graphed = (ModelRunner(model, max(sizes) * per_seq, bs, "triton",
+                                  table_width=per_seq) for _ in range(2))
+    blocker = graphed.enable_decode_graphs(max(sizes), 64, capture)
+    assert blocker is None, blocker
+    elem = torch.finfo(dt).bits // 8
+    weight_bytes = sum(p.numel() for p in model.parameters()) * elem
+    if not cfg.tie_word_embeddings:  # an untied embedding is read a row per token, not whole
+        weight_bytes -= cfg.vocab_size * cfg.hidden_size * elem
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
+    rows = []
+    for s in sizes:
+        unit = cfg.routing.group_unit(cfg.num_experts)
+        chunks = tuple(ScheduledChunk(f"r{i}", (i % 1000,), ctx - 1,
+                                      tuple(range(i * per_seq, (i + 1) * per_seq)), True)
+                       for i in range(s))
+        plan = StepPlan(chunks, tuple(batch_group_sizes(s, 64, unit)))
+        floor = (weight_bytes + s * ctx * kv_per_token) / copy_bw
+        t_eager = t(lambda plan=plan: eager.execute(plan))
+        t_graph = t(lambda plan=plan: graphed.execute(plan))
+        assert graphed.last_step_graphed and graphed.decode_graphs is not None
+        row = {"op": "decode_step", "sequences": s, "context": ctx, "layers": cfg.num_layers,
+               "eager_ms": t_eager * 1e3, "graph_ms": t_graph * 1e3, "floor_ms": floor * 1e3,
+               "floor_over_eager": floor / t_eager, "floor_over_graph": floor / t_graph,
+               "graph_speedup": t_eager / t_graph}
+        print(f"decode step x{s:<3} ctx {ctx}: eager {t_eager * 1e3:8.3f} ms  graph "
+              f"{t_graph * 1e3:8.3f} ms  floor {floor * 1e3:8.3f} ms  floor/graph "
+              f"{floor / t_graph:.3f}  speedup {t_eager / t_graph:.2f}x")
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write results here")
@@ -210,6 +280,9 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=4096)
     ap.add_argument("--group-size", type=int, default=2048, help="prefill routing group")
     ap.add_argument("--decode-tokens", type=int, default=64, help="live sequences per step")
+    ap.add_argument("--decode-layers", type=int, default=4,
+                    help="layers of the decode-step model (all MoE)")
+    ap.add_argument("--decode-context", type=int, default=2048, help="decode-step context")
     ap.add_argument("--reps", type=int, default=5, help="CPU repetitions")
     args = ap.parse_args()
     gpu = torch.cuda.is_available() and K.HAS_TRITON
@@ -259,6 +332,10 @@ def main() -> None:
         ratios["ec_over_top2_step_time"] = t_ec / t_tc
         extra.update(ec_layer_ms=t_ec * 1e3, top2_layer_ms=t_tc * 1e3, top2_capacity=cap,
                      ec_slots_per_expert=k_pre * (n_pre // n_grp))
+        del w, wargs, x
+        results += bench_decode_step(t, args, dt, copy_bw)
+    else:
+        print("decode step with and without CUDA graphs: skipped (needs a GPU)")
     for name, value in ratios.items():
         shown = "null (needs a GPU)" if value is None else f"{value:.3f}"
         print(f"ratio {name:<24} {shown}  goal {GOALS[name]}")

@@ -31,6 +31,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="most prompt tokens queued for admission (262144)")
     p.add_argument("--kernels", choices=("auto", "torch", "triton"),
                    help="Triton kernels (auto: on CUDA devices) or plain torch")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="run decode steps eagerly on CUDA (default: captured CUDA graphs)")
+    p.add_argument("--cuda-graph-max-batch", type=int,
+                   help="largest decode batch run by a CUDA graph (max-num-seqs)")
+    p.add_argument("--cuda-graph-limit", type=int,
+                   help="most decode graphs held, one per routing-group layout (256)")
     p.add_argument("--expert-timing-every", type=int,
                    help="time each expert's work alone every Nth step, for metrics (64; 0: off)")
 

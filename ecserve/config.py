@@ -221,6 +221,12 @@ class EngineConfig:
     # torch (plain PyTorch) | triton (ecserve_kernels: fused expert MLP, paged decode attention)
     # | auto (triton on CUDA devices, torch elsewhere)
     kernels: str = "auto"
+    # On CUDA with the Triton kernels: capture pure decode steps of up to cuda_graph_max_batch
+    # sequences (None: max_num_seqs) as CUDA graphs and replay them, one graph per routing-group
+    # layout, at most cuda_graph_limit graphs. The default scope's layouts are captured at start.
+    cuda_graphs: bool = True
+    cuda_graph_max_batch: int | None = None
+    cuda_graph_limit: int = 256
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -229,10 +235,11 @@ class EngineConfig:
             _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("kernels", self.kernels, ("auto", "torch", "triton"))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting",
-                     "max_waiting_tokens"):
+                     "max_waiting_tokens", "cuda_graph_limit"):
             _check_positive(name, getattr(self, name))
-        if self.max_model_len is not None:
-            _check_positive("max_model_len", self.max_model_len)
+        for name in ("max_model_len", "cuda_graph_max_batch"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
         if not isinstance(self.expert_timing_every, int) or self.expert_timing_every < 0:
             raise ConfigError(f"expert_timing_every must be an int >= 0, got "
                               f"{self.expert_timing_every!r}")

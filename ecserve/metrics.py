@@ -102,6 +102,10 @@ class Metrics:
                               STEP_BUCKETS, ["device"]).labels(device)
         self.step_tokens = hist("ecserve_step_tokens", "Tokens (decode + prefill) per step.",
                                 POW2_BUCKETS)
+        self.graph_steps = Counter("ecserve_decode_graph_steps", "Decode steps run by replaying "
+                                   "a captured CUDA graph.", registry=r)
+        self.graphs_held = Gauge("ecserve_decode_graphs", "Decode-step CUDA graphs captured "
+                                 "(one per routing-group layout).", registry=r)
         # Memory, for load tests: the standard process_* series, and the peak, which they lack.
         ProcessCollector(registry=r)
         Gauge("ecserve_process_peak_rss_bytes", "Peak resident memory of the server process.",
@@ -138,6 +142,8 @@ class Metrics:
         self.waiting.set(stats.num_waiting)
         self.kv_used.set(stats.kv_blocks_used)
         self.kv_total.set(stats.kv_blocks_total)
+        self.graph_steps.inc(stats.graphed)
+        self.graphs_held.set(stats.decode_graphs)
         self.routing.add(stats.moe, stats.plan.group_sizes)
 
     def request_done(self, stats: RequestStats) -> None:

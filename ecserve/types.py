@@ -153,6 +153,8 @@ class StepStats:
     num_waiting: int = 0  # after the step: requests queued for admission
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    graphed: bool = False  # the step replayed a captured decode graph
+    decode_graphs: int = 0  # decode graphs held after the step
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,9 @@ def token_slots_csr(idx: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, t
     key = idx.flatten().long()
     key = torch.where(key >= 0, key, num_tokens)  # [E*K]
     slots = torch.argsort(key, stable=True)  # by token, then ascending (expert, slot)
-    counts = torch.bincount(key, minlength=num_tokens + 1)[:num_tokens]
+    # scatter_add, not bincount: CUDA's bincount reads the max back to size its output.
+    counts = torch.zeros(num_tokens + 1, dtype=torch.long, device=idx.device).scatter_add_(
+        0, key, torch.ones_like(key))[:num_tokens]
     rowptr = torch.zeros(num_tokens + 1, dtype=torch.long, device=idx.device)
     rowptr[1:] = torch.cumsum(counts, 0)
     return rowptr, slots

@@ -87,6 +87,12 @@ class Batcher:
             seq.num_computed = c.start_pos + len(c.token_ids)
         return StepPlan(chunks=tuple(c for _, c in batch + own), group_sizes=tuple(groups))
 
+    def decode_groups(self, num_batch: int, num_sequence: int) -> tuple[int, ...]:
+        """The routing groups schedule() gives a decode-only step of this many batch-scope and
+        sequence-scope sequences (their decode graph's key)."""
+        return tuple(batch_group_sizes(num_batch, self.group_size, self.unit)) + (
+            1,) * num_sequence
+
     def _admit(self) -> None:
         # Strict arrival order: a request that does not fit yet blocks those behind it, so
         # large requests are not starved. Blocks for the whole request are reserved up front:

@@ -106,14 +106,34 @@ class Engine:
         num_blocks = self._num_kv_blocks(model, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size,
-                                  resolve_kernels(cfg.kernels, device))
+                                  resolve_kernels(cfg.kernels, device),
+                                  table_width=-(-self.max_model_len // cfg.block_size))
         self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks)
+        if cfg.cuda_graphs and device.type == "cuda" and experts is None:
+            self._start_decode_graphs()
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = 0
         self.last_stats: StepStats | None = None
         self.records: list[StepRecord] = []
         self.observer: EngineObserver | None = None
         self._steps = 0
+
+    def _start_decode_graphs(self) -> None:
+        """Capture the default routing scope's decode layouts (1 .. max batch sequences)."""
+        max_batch = min(self.cfg.cuda_graph_max_batch or self.cfg.max_num_seqs,
+                        self.cfg.max_num_seqs)
+        blocker = self.runner.enable_decode_graphs(max_batch, self.cfg.cuda_graph_limit)
+        if blocker is not None:
+            log.info("decode steps run eagerly: %s", blocker)
+            return
+        scope = self.model_cfg.routing.scope
+        layouts = [self.batcher.decode_groups(n if scope == "batch" else 0,
+                                              n if scope == "sequence" else 0)
+                   for n in range(max_batch, 0, -1)]  # largest first: smaller ones reuse memory
+        t0 = time.perf_counter()
+        held = self.runner.capture_decode_graphs(layouts)
+        log.info("captured %d decode graphs (up to %d sequences) in %.1f s", held, max_batch,
+                 time.perf_counter() - t0)
 
     def _num_kv_blocks(self, model: torch.nn.Module, device: torch.device) -> int:
         per_block = kv_bytes_per_block(model, self.cfg.block_size)
@@ -270,10 +290,13 @@ class Engine:
 
     def _step_stats(self, plan: StepPlan, moe: list[MoEStats], seconds: float,
                     ttft: list[float], itl: list[float]) -> StepStats:
+        graphs = self.runner.decode_graphs
         return StepStats(
             plan, tuple(moe), seconds, tuple(ttft), tuple(itl),
             num_running=len(self.batcher.running), num_waiting=len(self.batcher.waiting),
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
+            graphed=self.runner.last_step_graphed,
+            decode_graphs=0 if graphs is None else len(graphs.graphs),
         )
 
     def _remove(self, seq: Sequence) -> None:

@@ -7,6 +7,7 @@ import os
 import torch
 
 from ecserve.config import ConfigError
+from ecserve.engine.decode_graphs import DecodeGraphs, graph_blocker
 from ecserve.model.attention import LayerKV
 from ecserve.model.batch import ForwardBatch
 from ecserve.model.transformer import Transformer
@@ -51,13 +52,19 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 kernels: str = "torch") -> None:
+                 kernels: str = "torch", table_width: int | None = None) -> None:
+        """table_width: block tables are padded to this many blocks (the longest sequence's),
+        so the paged kernel's shapes, and its rounding, never follow the context lengths
+        (None: each step's longest table)."""
         cfg = model.cfg
         assert cfg.num_kv_heads is not None and cfg.head_dim is not None
         self.model = model
         self.kernels = kernels
         model.set_kernels(kernels)
         self.block_size = block_size
+        self.table_width = table_width
+        self.decode_graphs: DecodeGraphs | None = None
+        self.last_step_graphed = False  # whether the last execute() replayed a decode graph
         self.device = model.embed.device
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed, not empty: attention gathers padded slots, and garbage could hold NaNs.
@@ -67,6 +74,30 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
 
+    def enable_decode_graphs(self, max_batch: int, max_graphs: int,
+                             capture: bool = True) -> str | None:
+        """Run decode steps of up to max_batch sequences through graphs (captured when
+        `capture`; else replayed eagerly over static buffers). Returns why not, if not."""
+        blocker = graph_blocker(self.model, self.kernels)
+        if blocker is None and capture and self.device.type != "cuda":
+            blocker = f"CUDA graphs need a CUDA device, not {self.device}"
+        if blocker is None and self.table_width is None:
+            blocker = "decode graphs need a fixed block table width"
+        if blocker is not None:
+            self.decode_graphs = None
+            return blocker
+        assert self.table_width is not None
+        self.decode_graphs = DecodeGraphs(self.model, self.kv, self.block_size, self.table_width,
+                                          max_batch, max_graphs, capture)
+        return None
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, layouts: list[tuple[int, ...]]) -> int:
+        """Capture these routing-group layouts now; returns the graphs held (0: graphs off)."""
+        if self.decode_graphs is None:
+            return 0
+        return self.decode_graphs.capture_layouts(layouts)
+
     @torch.inference_mode()
     def execute(
         self, plan: StepPlan, time_experts: bool = False
@@ -74,7 +105,15 @@ class ModelRunner:
         """Run the plan; returns float32 logits [M, V] for its sampling chunks, in plan order.
 
         With `time_experts`, each MoE layer also times every expert's work alone (metrics)."""
+        graphs = self.decode_graphs
+        self.last_step_graphed = False
+        if graphs is not None and not time_experts and graphs.accepts(plan):
+            out = graphs.run(plan)
+            if out is not None:
+                self.last_step_graphed = True
+                # A copy even on a CPU: the graphs' logits buffer is rewritten every step.
+                return out[0].to("cpu", copy=True), out[1]
         batch = ForwardBatch.from_plan(plan, self.model.cfg, self.block_size, self.device,
-                                       time_experts)
+                                       time_experts, self.table_width)
         logits, stats = self.model(batch, self.kv)
         return logits.cpu(), stats

@@ -101,6 +101,7 @@ class Attention(nn.Module):
             return ecserve_kernels.paged_decode_attention(  # [S, H, hd], one query per run
                 q[runs.tokens], kv.k.view(shape), kv.v.view(shape), runs.block_tables,
                 runs.seq_lens)
+        assert runs.kv_slots is not None and runs.attn_mask is not None, "a paged-only batch"
         qp = q[runs.q_index].transpose(1, 2)  # [S, H, Q, hd]
         kp = kv.k[runs.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]
         vp = kv.v[runs.kv_slots].transpose(1, 2)  # [S, KVH, L, hd]

@@ -23,8 +23,10 @@ class AttentionRuns:
     tokens: torch.Tensor  # int64 [n]: the step tokens these queries are, in q_valid order
     q_index: torch.Tensor  # int64 [S, Q]: token of query j of run s (padding: 0)
     q_valid: torch.Tensor  # bool [S, Q]: real queries; runs are in token order, so [q_valid] unpads
-    kv_slots: torch.Tensor  # int64 [S, L]: KV slot of key position j (padding: position 0's slot)
-    attn_mask: torch.Tensor  # bool [S, 1, Q, L]: causal and within the sequence's length
+    # The padded key layout of the torch path; None in a paged-only batch (a decode layout whose
+    # shapes must not depend on context lengths: CUDA graphs), read by the paged kernel alone.
+    kv_slots: torch.Tensor | None  # int64 [S, L]: KV slot of key position j (padding: slot of 0)
+    attn_mask: torch.Tensor | None  # bool [S, 1, Q, L]: causal and within the sequence's length
     rel_buckets: torch.Tensor | None  # int64 [S, Q, L]: relative_bias buckets (None for rope)
     block_tables: torch.Tensor  # int64 [S, B]: each run's KV blocks (for the paged kernel)
     seq_lens: torch.Tensor  # int64 [S]: keys each run's last query sees
@@ -55,8 +57,11 @@ class ForwardBatch:
     @staticmethod
     def from_plan(
         plan: StepPlan, cfg: ModelConfig, block_size: int, device: torch.device,
-        time_experts: bool = False,
+        time_experts: bool = False, table_width: int | None = None, paged_only: bool = False,
     ) -> ForwardBatch:
+        """table_width: pad block tables to this many blocks (None: the longest table), so the
+        paged kernel sees the same shapes whatever the contexts; paged_only: skip the torch
+        path's padded key layout (AttentionRuns.kv_slots, attn_mask and rel_buckets are None)."""
         chunks = plan.chunks
         lens = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.long)  # [S]
         starts = torch.tensor([c.start_pos for c in chunks], dtype=torch.long)  # [S]
@@ -72,7 +77,8 @@ class ForwardBatch:
             sel = torch.tensor(members, dtype=torch.long)
             tables = [chunks[s].block_table for s in members]
             run, tokens, pos, slots = _attention_runs(lens[sel], starts[sel], q_offsets[sel],
-                                                      tables, cfg, block_size, device)
+                                                      tables, cfg, block_size, device,
+                                                      table_width, paged_only)
             positions[tokens] = pos
             slot_mapping[tokens] = slots
             runs.append(run)
@@ -108,12 +114,18 @@ def _attention_runs(
     cfg: ModelConfig,
     block_size: int,
     device: torch.device,
+    table_width: int | None = None,
+    paged_only: bool = False,
 ) -> tuple[AttentionRuns, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One bucket's padded attention layout; its tokens (on the CPU), their positions and KV
     slots."""
     ctx = starts + lens  # [S]: keys visible after this step
-    q_max, l_max = int(lens.max()), int(ctx.max())
+    q_max = int(lens.max())
     n_blocks = max(len(t) for t in block_tables)
+    if table_width is not None:
+        if table_width < n_blocks:
+            raise ValueError(f"a block table has {n_blocks} blocks, more than {table_width}")
+        n_blocks = table_width
     tables = torch.zeros(len(block_tables), n_blocks, dtype=torch.long)  # [S, B]
     for s, t in enumerate(block_tables):
         tables[s, : len(t)] = torch.tensor(t, dtype=torch.long)
@@ -121,31 +133,33 @@ def _attention_runs(
     q_valid = j_q[None, :] < lens[:, None]  # [S, Q]
     q_pos = torch.where(q_valid, starts[:, None] + j_q[None, :], 0)  # [S, Q]
     q_index = torch.where(q_valid, q_offsets[:, None] + j_q[None, :], 0)  # [S, Q]
-    j_k = torch.arange(l_max)  # [L]
-    k_valid = j_k[None, :] < ctx[:, None]  # [S, L]
-    block_of = (j_k // block_size).clamp(max=n_blocks - 1).expand(len(block_tables), -1)
-    slots = tables.gather(1, block_of)  # [S, L]
-    slots = slots * block_size + (j_k % block_size)[None, :]  # [S, L]
-    kv_slots = torch.where(k_valid, slots, slots[:, :1])
-    # Padded queries sit at position 0 and see key 0, so no softmax row is empty.
-    attn_mask = (j_k[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [S, Q, L]
-    rel = None
-    if cfg.position_encoding == "relative_bias":
-        rel = relative_position_bucket(
-            q_pos[:, :, None] - j_k[None, None, :],
-            cfg.relative_attention_num_buckets,
-            cfg.relative_attention_max_distance,
-        ).to(device)
+    new_slots = tables.gather(1, q_pos // block_size) * block_size + q_pos % block_size  # [S, Q]
+    kv_slots = attn_mask = rel = None
+    if not paged_only:
+        j_k = torch.arange(int(ctx.max()))  # [L]
+        k_valid = j_k[None, :] < ctx[:, None]  # [S, L]
+        block_of = (j_k // block_size).clamp(max=n_blocks - 1).expand(len(block_tables), -1)
+        slots = tables.gather(1, block_of) * block_size + (j_k % block_size)[None, :]  # [S, L]
+        kv_slots = torch.where(k_valid, slots, slots[:, :1]).to(device)
+        # Padded queries sit at position 0 and see key 0, so no softmax row is empty.
+        attn_mask = (j_k[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]  # [S, Q, L]
+        attn_mask = attn_mask[:, None].to(device)
+        if cfg.position_encoding == "relative_bias":
+            rel = relative_position_bucket(
+                q_pos[:, :, None] - j_k[None, None, :],
+                cfg.relative_attention_num_buckets,
+                cfg.relative_attention_max_distance,
+            ).to(device)
     tokens = q_index[q_valid]  # [n]
     run = AttentionRuns(
         tokens=tokens.to(device),
         q_index=q_index.to(device),
         q_valid=q_valid.to(device),
-        kv_slots=kv_slots.to(device),
-        attn_mask=attn_mask[:, None].to(device),
+        kv_slots=kv_slots,
+        attn_mask=attn_mask,
         rel_buckets=rel,
         block_tables=tables.to(device),
         seq_lens=ctx.to(device),
         block_size=block_size,
     )
-    return run, tokens, q_pos[q_valid], slots.gather(1, q_pos)[q_valid]
+    return run, tokens, q_pos[q_valid], new_slots[q_valid]

@@ -129,9 +129,14 @@ class MoELayer(nn.Module):
     def _stats(
         self, idx: torch.Tensor, gate: torch.Tensor, n: int, group_bounds: Sequence[int]
     ) -> MoEStats:
+        # Counted by scatter_add over static shapes (no boolean indexing, no bincount: both
+        # wait for the device), so a CUDA graph can hold the whole step, statistics included.
         valid = idx >= 0
-        per_token = torch.bincount(idx[valid], minlength=n)  # [N]: experts each token got
-        hist = torch.bincount(per_token, minlength=idx.shape[0] + 1)  # [E + 1]
+        slots = torch.where(valid, idx, n).flatten()  # empty slots count toward a spare bin n
+        per_token = torch.zeros(n + 1, dtype=torch.long, device=idx.device).scatter_add_(
+            0, slots, torch.ones_like(slots))[:n]  # [N]: experts each token got
+        hist = torch.zeros(idx.shape[0] + 1, dtype=torch.long, device=idx.device).scatter_add_(
+            0, per_token, torch.ones_like(per_token))  # [E + 1]
         sizes = tuple(b - a for a, b in itertools.pairwise(group_bounds))
         return MoEStats(
             layer=self.layer,

@@ -36,6 +36,9 @@ class DriverRunner(ModelRunner):
 
     def __init__(self, inner: ModelRunner, group: ParallelGroup) -> None:
         self.__dict__.update(inner.__dict__)  # same model, KV tensors, kernels (no new cache)
+        # Graphs captured before the experts were sharded would replay one rank's MoE alone;
+        # every step here also runs collectives with the other ranks, so it runs eagerly.
+        self.decode_graphs = None
         self.group = group
         self.closed = False
 
