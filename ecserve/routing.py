@@ -135,10 +135,13 @@ def capped_choice(
 
 
 def token_choice(
-    scores: torch.Tensor, top_k: int, renormalize: bool
+    scores: torch.Tensor, top_k: int, renormalize: bool, static_width: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token takes its top_k experts (ties: lower expert); dropless expert-centric layout
-    [E, m], m the most tokens any expert got, slots by descending gate (ties: lower token)."""
+    [E, m], m the most tokens any expert got, slots by descending gate (ties: lower token).
+
+    static_width: m = n, the most any expert can get, so the shape never follows the data (no
+    host sync: CUDA graphs); the extra slots are empty, the filled ones are the same."""
     _, num_experts = _check_scores(scores)
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (the experts), got {top_k}")
@@ -153,7 +156,8 @@ def token_choice(
     # -inf sorts unchosen pairs after every chosen one; _pack only keeps chosen ones anyway.
     dense = torch.full_like(scores, -math.inf).scatter_(1, exp, top)
     gate, tok = _sort_desc(dense.t())
-    width = int(chosen.sum(0).max())  # dropless: the busiest expert sets the width (a sync)
+    # dropless: the busiest expert sets the width (read back from the device, unless static)
+    width = scores.shape[0] if static_width else int(chosen.sum(0).max())
     return _pack(tok[:, :width], gate[:, :width], chosen.t().gather(1, tok[:, :width]), width)
 
 

@@ -104,6 +104,18 @@ def test_token_choice_matches_reference(seed: int) -> None:
         _assert_same(token_choice(s, top_k, renorm), ref_token_choice(s, top_k, renorm))
 
 
+def test_token_choice_static_width_pads_the_dropless_layout() -> None:
+    """The CUDA-graph layout: n slots per expert, the dropless layout's slots first, then empty."""
+    for rng, n, num_experts, s in _shapes(400, 40):
+        top_k, renorm = rng.randint(1, num_experts), rng.random() < 0.5
+        idx, gate = token_choice(s, top_k, renorm)
+        sidx, sgate = token_choice(s, top_k, renorm, static_width=True)
+        m = idx.shape[1]
+        assert sidx.shape == (num_experts, n) and m <= n
+        assert torch.equal(sidx[:, :m], idx) and torch.equal(sgate[:, :m], gate)
+        assert (sidx[:, m:] == -1).all() and (sgate[:, m:] == 0).all()
+
+
 def test_capped_long_dependency_chain() -> None:
     # b = 1, capacity 1 and a staircase of scores: each pair's fate hangs on the previous one,
     # the worst case for deciding the sequential greedy in parallel rounds.

@@ -11,7 +11,9 @@ layout gets its own graph instead, captured on first use (or ahead of time: `cap
 What makes a step graphable: one new token per sequence, each sampled (a pure decode step),
 attention through the paged kernel (block tables padded to a fixed width, so no shape follows
 the context length), and a routing policy with static shapes and no host sync (`ec`, `capped`
-without a per-token cap). Everything else runs eagerly, as does a step that times experts.
+without a per-token cap, and `token_choice` in its widest dropless layout, n slots per expert:
+the empty ones cost compute a memory-bound decode step has to spare). Everything else runs
+eagerly, as does a step that times experts.
 """
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ def graph_blocker(model: Transformer, kernels: str) -> str | None:
         if moe.expert_parallel is not None:
             return "expert parallelism exchanges rows between processes each step"
         r = moe.routing
-        if r.policy == "token_choice":
-            return "token_choice's dropless layout is as wide as its busiest expert"
         if r.policy == "capped" and r.experts_per_token_cap(cfg.num_experts) < cfg.num_experts:
             return "capped routing with max_experts_per_token < num_experts decides in rounds"
     return None
@@ -104,7 +104,7 @@ class DecodeGraphs:
             if entry is None:
                 return None
         fresh = ForwardBatch.from_plan(plan, self.model.cfg, self.block_size, torch.device("cpu"),
-                                       table_width=self.table_width, paged_only=True)
+                                       table_width=self.table_width, static_shapes=True)
         _copy_into(entry.batch, fresh)
         s = len(plan.chunks)
         if entry.graph is not None:
@@ -112,12 +112,7 @@ class DecodeGraphs:
         else:
             self._forward(entry.batch, s, entry.stats)
         self.replays += 1
-        # The statistics buffers are rewritten by the next replay: hand out copies.
-        stats = [dataclasses.replace(st, tokens_per_expert=st.tokens_per_expert.clone(),
-                                     gate_sum=st.gate_sum.clone(),
-                                     experts_per_token=st.experts_per_token.clone())
-                 for st in entry.stats]
-        return self.logits[:s], stats
+        return self.logits[:s], [_settled(st) for st in entry.stats]
 
     def capture_layouts(self, layouts: Sequence[tuple[int, ...]]) -> int:
         """Capture these group layouts ahead of the traffic; returns how many are held now."""
@@ -146,7 +141,7 @@ class DecodeGraphs:
         chunks = tuple(ScheduledChunk(f"graph-{i}", (0,), 0, (0,), True) for i in range(s))
         batch = ForwardBatch.from_plan(StepPlan(chunks, key), self.model.cfg, self.block_size,
                                        self.device, table_width=self.table_width,
-                                       paged_only=True)
+                                       static_shapes=True)
         batch.slot_mapping.fill_(-1)
         stats: list[MoEStats] = []
         if not self.capture:
@@ -168,6 +163,17 @@ class DecodeGraphs:
         logits, stats = self.model(batch, self.kv)  # [S, V] float32
         self.logits[:s].copy_(logits)
         stats_out[:] = stats
+
+
+def _settled(st: MoEStats) -> MoEStats:
+    """A replay's statistics as the eager step reports them: copies (the next replay rewrites
+    the buffers), and token_choice's capacity as the dropless width the eager layout has (the
+    busiest expert's tokens), not the static layout's n."""
+    tokens = st.tokens_per_expert.clone()
+    slots = int(tokens.max()) if st.policy == "token_choice" else st.capacity_slots
+    return dataclasses.replace(st, tokens_per_expert=tokens, gate_sum=st.gate_sum.clone(),
+                               experts_per_token=st.experts_per_token.clone(),
+                               capacity_slots=slots)
 
 
 def _copy_into(dst: Any, src: Any, name: str = "batch") -> None:

@@ -49,6 +49,9 @@ class ForwardBatch:
     group_bounds: tuple[int, ...]  # routing groups are tokens [b[i], b[i+1])
     logits_index: torch.Tensor  # int64 [M]: tokens whose next-token logits are needed
     time_experts: bool = False  # also time each expert's work alone (sampled expert metrics)
+    # No shape may follow the data (a CUDA graph holds the step): attention only through the
+    # paged kernel, and token_choice's dropless layout at its widest (every group's n slots).
+    static_shapes: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -57,11 +60,13 @@ class ForwardBatch:
     @staticmethod
     def from_plan(
         plan: StepPlan, cfg: ModelConfig, block_size: int, device: torch.device,
-        time_experts: bool = False, table_width: int | None = None, paged_only: bool = False,
+        time_experts: bool = False, table_width: int | None = None,
+        static_shapes: bool = False,
     ) -> ForwardBatch:
         """table_width: pad block tables to this many blocks (None: the longest table), so the
-        paged kernel sees the same shapes whatever the contexts; paged_only: skip the torch
-        path's padded key layout (AttentionRuns.kv_slots, attn_mask and rel_buckets are None)."""
+        paged kernel sees the same shapes whatever the contexts; static_shapes: see the field
+        (the torch path's padded key layout is not built: AttentionRuns.kv_slots, attn_mask
+        and rel_buckets are None)."""
         chunks = plan.chunks
         lens = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.long)  # [S]
         starts = torch.tensor([c.start_pos for c in chunks], dtype=torch.long)  # [S]
@@ -78,7 +83,7 @@ class ForwardBatch:
             tables = [chunks[s].block_table for s in members]
             run, tokens, pos, slots = _attention_runs(lens[sel], starts[sel], q_offsets[sel],
                                                       tables, cfg, block_size, device,
-                                                      table_width, paged_only)
+                                                      table_width, static_shapes)
             positions[tokens] = pos
             slot_mapping[tokens] = slots
             runs.append(run)
@@ -103,6 +108,7 @@ class ForwardBatch:
             group_bounds=tuple(bounds),
             logits_index=logits_index.to(device),
             time_experts=time_experts,
+            static_shapes=static_shapes,
         )
 
 

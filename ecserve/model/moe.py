@@ -13,7 +13,7 @@ from torch import nn
 
 from ecserve.config import ModelConfig
 from ecserve.model.layers import GLUFeedForward, activation_fn
-from ecserve.routing import route
+from ecserve.routing import route, token_choice
 from ecserve.types import MoEStats
 
 
@@ -47,26 +47,30 @@ class MoELayer(nn.Module):
         return torch.softmax(F.linear(x.float(), self.router.float(), bias), dim=-1)  # [N, E]
 
     def route(
-        self, x: torch.Tensor, group_bounds: Sequence[int]
+        self, x: torch.Tensor, group_bounds: Sequence[int], static_shapes: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's routing: idx [E, K] step-wide token positions (-1: empty slot) and gate
-        [E, K] float32, every group's slots side by side."""
+        [E, K] float32, every group's slots side by side. static_shapes: K never follows the
+        data (token_choice takes its widest layout, K = N)."""
         scores = self.scores(x)  # [N, E]
+        cfg = self.routing
+        if cfg.policy == "token_choice":
+            # Each token is routed on its own, so the grouping changes nothing: route the whole
+            # step at once (one dropless layout, less padding than one per group).
+            return token_choice(scores, cfg.top_k, cfg.renormalize, static_shapes)
         idx_parts, gate_parts = [], []
-        # token_choice routes each token on its own, so the grouping changes nothing: route the
-        # whole step at once (one dropless layout, less padding than one per group).
-        bounds = (0, x.shape[0]) if self.routing.policy == "token_choice" else group_bounds
-        for start, end in itertools.pairwise(bounds):
-            r = route(scores[start:end], self.routing)
+        for start, end in itertools.pairwise(group_bounds):
+            r = route(scores[start:end], cfg)
             idx_parts.append(torch.where(r.idx >= 0, r.idx + start, -1))  # [E, k_g] step-wide
             gate_parts.append(r.gate)
         return torch.cat(idx_parts, dim=1), torch.cat(gate_parts, dim=1)
 
     def forward(
-        self, x: torch.Tensor, group_bounds: Sequence[int], time_experts: bool = False
+        self, x: torch.Tensor, group_bounds: Sequence[int], time_experts: bool = False,
+        static_shapes: bool = False,
     ) -> tuple[torch.Tensor, MoEStats]:
         # x: [N, d]; routing groups are the contiguous token ranges [b[i], b[i+1]).
-        idx, gate = self.route(x, group_bounds)  # [E, K] each
+        idx, gate = self.route(x, group_bounds, static_shapes)  # [E, K] each
         y = self.combine(x, idx, gate)  # [N, d] float32
         if self.shared is not None:
             shared = self.shared(x)  # [N, d]

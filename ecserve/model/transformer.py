@@ -28,12 +28,13 @@ class Block(nn.Module):
         )
 
     def feed_forward(
-        self, h: torch.Tensor, group_bounds: tuple[int, ...], time_experts: bool = False
+        self, h: torch.Tensor, group_bounds: tuple[int, ...], time_experts: bool = False,
+        static_shapes: bool = False,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """The block's second half on the residual stream h [N, d]."""
         x = self.ffn_norm(h)
         if self.moe is not None:
-            y, stats = self.moe(x, group_bounds, time_experts)
+            y, stats = self.moe(x, group_bounds, time_experts, static_shapes)
             return h + y, stats
         assert self.ffn is not None
         return h + self.ffn(x), None
@@ -42,7 +43,7 @@ class Block(nn.Module):
         self, x: torch.Tensor, batch: ForwardBatch, kv: LayerKV
     ) -> tuple[torch.Tensor, MoEStats | None]:
         h = x + self.attn(self.attn_norm(x), batch, kv)
-        return self.feed_forward(h, batch.group_bounds, batch.time_experts)
+        return self.feed_forward(h, batch.group_bounds, batch.time_experts, batch.static_shapes)
 
 
 class Transformer(nn.Module):
