@@ -210,6 +210,7 @@ def decode_model(args: argparse.Namespace, dt: torch.dtype, device: str):
         vocab_size=32000, hidden_size=args.d, num_layers=args.decode_layers, num_heads=16,
         num_kv_heads=4, ffn_hidden_size=args.f, num_experts=args.experts,
         expert_ffn_hidden_size=args.f, max_position_embeddings=args.decode_context,
+        moe_layers=tuple(range(args.decode_layers)),
         routing=RoutingConfig(policy="capped", capacity_factor=args.capacity_factor,
                               group_size=64, scope="batch"))
     with torch.device(device):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 import torch
 
@@ -64,6 +66,8 @@ class ModelRunner:
         self.block_size = block_size
         self.table_width = table_width
         self.decode_graphs: DecodeGraphs | None = None
+        # Decode runs go to the paged kernel (Attention.attend): no padded key layout for them.
+        self.paged_decode = kernels == "triton" and cfg.position_encoding != "relative_bias"
         self.last_step_graphed = False  # whether the last execute() replayed a decode graph
         self.device = model.embed.device
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -96,7 +100,8 @@ class ModelRunner:
         """Capture these routing-group layouts now; returns the graphs held (0: graphs off)."""
         if self.decode_graphs is None:
             return 0
-        return self.decode_graphs.capture_layouts(layouts)
+        with self.on_device():
+            return self.decode_graphs.capture_layouts(layouts)
 
     @torch.inference_mode()
     def execute(
@@ -105,15 +110,23 @@ class ModelRunner:
         """Run the plan; returns float32 logits [M, V] for its sampling chunks, in plan order.
 
         With `time_experts`, each MoE layer also times every expert's work alone (metrics)."""
-        graphs = self.decode_graphs
-        self.last_step_graphed = False
-        if graphs is not None and not time_experts and graphs.accepts(plan):
-            out = graphs.run(plan)
-            if out is not None:
-                self.last_step_graphed = True
-                # A copy even on a CPU: the graphs' logits buffer is rewritten every step.
-                return out[0].to("cpu", copy=True), out[1]
-        batch = ForwardBatch.from_plan(plan, self.model.cfg, self.block_size, self.device,
-                                       time_experts, self.table_width)
-        logits, stats = self.model(batch, self.kv)
-        return logits.cpu(), stats
+        with self.on_device():
+            graphs = self.decode_graphs
+            self.last_step_graphed = False
+            if graphs is not None and not time_experts and graphs.accepts(plan):
+                out = graphs.run(plan)
+                if out is not None:
+                    self.last_step_graphed = True
+                    # A copy even on a CPU: the graphs' logits buffer is rewritten every step.
+                    return out[0].to("cpu", copy=True), out[1]
+            batch = ForwardBatch.from_plan(plan, self.model.cfg, self.block_size, self.device,
+                                           time_experts, self.table_width,
+                                           paged_decode=self.paged_decode)
+            logits, stats = self.model(batch, self.kv)
+            return logits.cpu(), stats
+
+    def on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """Make the runner's GPU current (Triton launches and graph captures use the current
+        device, which is per thread; steps may run on a worker thread)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else (
+            contextlib.nullcontext())

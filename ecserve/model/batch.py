@@ -61,12 +61,12 @@ class ForwardBatch:
     def from_plan(
         plan: StepPlan, cfg: ModelConfig, block_size: int, device: torch.device,
         time_experts: bool = False, table_width: int | None = None,
-        static_shapes: bool = False,
+        static_shapes: bool = False, paged_decode: bool = False,
     ) -> ForwardBatch:
         """table_width: pad block tables to this many blocks (None: the longest table), so the
-        paged kernel sees the same shapes whatever the contexts; static_shapes: see the field
-        (the torch path's padded key layout is not built: AttentionRuns.kv_slots, attn_mask
-        and rel_buckets are None)."""
+        paged kernel sees the same shapes whatever the contexts; static_shapes: see the field;
+        paged_decode: decode runs are attended by the paged kernel. Runs attended that way get
+        no padded key layout (AttentionRuns.kv_slots, attn_mask and rel_buckets are None)."""
         chunks = plan.chunks
         lens = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.long)  # [S]
         starts = torch.tensor([c.start_pos for c in chunks], dtype=torch.long)  # [S]
@@ -78,12 +78,13 @@ class ForwardBatch:
         for s, length in enumerate(lens.tolist()):
             buckets.setdefault((length - 1).bit_length(), []).append(s)  # 1 | 2 | 3-4 | 5-8 ...
         runs = []
-        for members in buckets.values():
+        for bucket, members in buckets.items():
             sel = torch.tensor(members, dtype=torch.long)
             tables = [chunks[s].block_table for s in members]
+            paged = static_shapes or (paged_decode and bucket == 0)  # bucket 0: one-token runs
             run, tokens, pos, slots = _attention_runs(lens[sel], starts[sel], q_offsets[sel],
                                                       tables, cfg, block_size, device,
-                                                      table_width, static_shapes)
+                                                      table_width, paged)
             positions[tokens] = pos
             slot_mapping[tokens] = slots
             runs.append(run)

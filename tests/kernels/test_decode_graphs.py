@@ -1,7 +1,7 @@
 """Decode steps over static buffers (the CUDA-graph path) compute what eager steps compute.
 
-On a CPU nothing is captured: DecodeGraphs(capture=False) replays by running the forward pass
-over the same static buffers a graph would read, under the Triton interpreter. That checks the
+Without capture, DecodeGraphs(capture=False) replays by running the forward pass over the same
+static buffers a graph would read (on a CPU, under the Triton interpreter). That checks the
 buffer handling, the layouts and the dispatch; `host_syncs` checks that the captured forward has
 no operation that waits for the device (which would break a capture). The real capture is the
 GPU test at the end.
@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton loads: CPU tensors, no GPU
+import torch
+
+if not torch.cuda.is_available():  # Triton runs on the CPU only interpreted; set before jit
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 from graph_safety import host_syncs
 
 from ecserve.config import EngineConfig
 from ecserve.engine.decode_graphs import DecodeGraphs
 from ecserve.engine.engine import Engine
 from ecserve.types import Request, SamplingParams
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Staggered lengths: sequences finish at different steps, so the decode batch shrinks and its
 # layout changes; mixed scopes put batch groups and groups of one in the same step.
@@ -43,7 +47,7 @@ def generate(engine: Engine) -> dict[str, list[int]]:
 
 
 def engine(model, graphs: bool, **cfg) -> Engine:
-    eng = Engine(model, EngineConfig(device="cpu", kernels="triton", record_steps=True,
+    eng = Engine(model, EngineConfig(device=DEV, kernels="triton", record_steps=True,
                                      expert_timing_every=0, **cfg))
     if graphs:
         assert eng.runner.enable_decode_graphs(max_batch=8, max_graphs=64, capture=False) is None
@@ -129,7 +133,7 @@ def test_hugging_face_models_through_static_decode_steps(tmp_path, monkeypatch, 
     from hf_models import build
 
     _, model = build(model_type, tmp_path / model_type)
-    cfg = {"device": "cpu", "record_steps": True, "expert_timing_every": 0,
+    cfg = {"device": DEV, "record_steps": True, "expert_timing_every": 0,
            "kv_cache_bytes": 1 << 22, "block_size": 4, "max_num_batched_tokens": 64,
            "max_num_seqs": 8}
     plain = Engine(model, EngineConfig(kernels="torch", **cfg))
@@ -149,11 +153,12 @@ def test_hugging_face_models_through_static_decode_steps(tmp_path, monkeypatch, 
     ({}, "torch", "need the Triton kernels"),
     ({"position_encoding": "relative_bias"}, "triton", "position_encoding=relative_bias"),
     ({"routing": {"max_experts_per_token": 2}}, "triton", "max_experts_per_token"),
-    ({}, "triton", "need a CUDA device"),
+    pytest.param({}, "triton", "need a CUDA device", marks=pytest.mark.skipif(
+        DEV == "cuda", reason="on a CPU")),
 ])
 def test_what_cannot_be_captured_says_why(make_model, overrides, kernels, reason):
     model = make_model(num_layers=2, moe_layers=[1], **overrides)
-    eng = Engine(model, EngineConfig(device="cpu", kernels=kernels))
+    eng = Engine(model, EngineConfig(device=DEV, kernels=kernels))
     assert reason in (eng.runner.enable_decode_graphs(8, 64, capture=True) or "")
     assert eng.runner.decode_graphs is None
 
@@ -206,7 +211,9 @@ def test_gpu_graphed_decode_generates_the_eager_tokens(make_model, dtype):
     eager = Engine(model, EngineConfig(cuda_graphs=False, **cfg))
     graphed = Engine(model, EngineConfig(cuda_graphs=True, **cfg))
     graphs = graphed.runner.decode_graphs
-    assert graphs is not None and graphs.capture and len(graphs.graphs) == 8  # 1 .. 8, at start
+    assert os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter cannot be captured
+    assert graphs is not None and graphs.capture and graphs.disabled is None, graphs.disabled
+    assert len(graphs.graphs) == 8  # 1 .. 8 sequences, captured at start
     assert generate(graphed) == generate(eager)  # the same kernels on the same shapes
     assert graphs.disabled is None and graphs.replays > 0
     tol = 1e-5 if dtype == "float32" else 1e-2
@@ -221,7 +228,7 @@ def test_graph_steps_are_counted_in_the_metrics(make_model):
     from ecserve.metrics import Metrics
 
     static = engine(make_model(num_layers=2, moe_layers=[1]), True)
-    static.observer = metrics = Metrics(static.model_cfg, "cpu")
+    static.observer = metrics = Metrics(static.model_cfg, DEV)
     generate(static)
     found = {s.name: s.value for fam in text_string_to_metric_families(
         metrics.exposition().decode()) for s in fam.samples}
