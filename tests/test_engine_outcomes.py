@@ -1,5 +1,6 @@
 """How requests end besides their stop conditions, and what else events carry: time limits,
-a failing step (only its requests fail), logprobs, and the waiting queue's token bound."""
+a failing step (only its requests fail), a lost runner (all of them), logprobs, and the
+waiting queue's token bound."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from ecserve.config import EngineConfig
 from ecserve.engine.batcher import QueueFullError
 from ecserve.engine.engine import Engine
+from ecserve.engine.runner import RunnerLost
 from ecserve.types import FinishReason, Request, SamplingParams
 
 
@@ -66,6 +68,28 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     monkeypatch.setattr(engine.runner, "execute", real)
     engine.add_request(req("c", n=3))
     assert run(engine)["c"][-1].finish_reason is FinishReason.LENGTH
+
+
+def test_a_lost_runner_ends_every_request_and_takes_no_more(make_model, monkeypatch):
+    """RunnerLost (an expert-parallel rank gone): the running request, the one still waiting
+    for admission and any later one all end at once; nothing hangs, no block leaks."""
+    engine = Engine(make_model(), EngineConfig(device="cpu", max_num_seqs=1))
+    engine.add_request(req("a", n=4))
+    engine.add_request(req("b", n=4))  # waits: one sequence at a time
+    engine.step()
+
+    def lost(plan, *args):
+        raise RunnerLost("expert-parallel step failed: rank 1 is gone")
+
+    monkeypatch.setattr(engine.runner, "execute", lost)
+    events = engine.step()
+    assert {e.request_id: e.finish_reason for e in events} == {"a": FinishReason.ERROR,
+                                                               "b": FinishReason.ERROR}
+    assert all("rank 1 is gone" in e.detail for e in events)
+    assert engine.lost and "rank 1 is gone" in engine.lost
+    assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
+    with pytest.raises(RunnerLost, match="rank 1 is gone"):
+        engine.add_request(req("c"))
 
 
 def test_logprobs_are_the_models_distribution(engine):

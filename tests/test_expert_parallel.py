@@ -139,6 +139,79 @@ def test_default_placement_and_home_ranges(make_model):
             assert all(home_range(t * world // n, world, n)[0] <= t for t in range(n))
 
 
+def start_serving(cmd: list[str], address: str, log_path: Path, env: dict[str, str]
+                  ) -> subprocess.Popen[bytes]:
+    """Start `ecserve serve ...` and wait until its health says SERVING."""
+    import time
+
+    from ecserve.client import Client
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    end = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < end, log_path.read_text()
+        try:
+            with Client(address, timeout=2) as c:
+                if c.health() == "SERVING":
+                    return proc
+        except Exception:
+            pass
+        time.sleep(0.1)
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc: no procps needed)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_lost_worker_fails_fast_and_the_server_exits_1(make_model, tmp_path):
+    """A worker rank that dies: the next step fails its requests at once (no hang until the
+    group timeout), the server refuses new work, drains and exits 1 for a restart."""
+    import os
+    import signal
+
+    import grpc
+
+    from ecserve.client import Client
+    from ecserve.parallel.group import free_port
+
+    model = make_model()
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "ECSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--host",
+           "127.0.0.1", "--port", str(port), "--no-metrics", "--device", "cpu", "--dtype",
+           "float32", "--kv-cache-bytes", str(1 << 22), "--torch-threads", "1",
+           "--expert-parallel", "2"]
+    proc = start_serving(cmd, address, log_path, env)
+    try:
+        (worker,) = children(proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        with Client(address, timeout=30) as c, pytest.raises(grpc.RpcError) as err:
+            c.generate([5, 6, 7], max_new_tokens=4)
+        assert err.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+        assert "expert-parallel step failed" in (err.value.details() or ""), err.value
+        code = proc.wait(timeout=30)
+        text = log_path.read_text()
+        assert code == 1, text
+        assert "stopping with exit code 1" in text and "drained; stopped" in text, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 @pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
 def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp_path, launcher):
     """`ecserve serve --expert-parallel 2 --placement PLAN` (a plan that differs per layer), or
@@ -148,7 +221,6 @@ def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp
     import os
     import signal
     import threading
-    import time
 
     from ecserve.client import Client
     from ecserve.config import EngineConfig
@@ -185,20 +257,8 @@ def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp
     else:  # one machine here; several machines take the same command with --nnodes etc.
         cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone",
                "--nproc-per-node", "2", "-m", "ecserve", *serve_args, "--torchrun"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = start_serving(cmd, address, log_path, env)
     try:
-        end = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < end, log_path.read_text()
-            try:
-                with Client(address, timeout=2) as c:
-                    if c.health() == "SERVING":
-                        break
-            except Exception:
-                pass
-            time.sleep(0.1)
         got: dict[str, list[int]] = {}
 
         def read(rid: str) -> None:

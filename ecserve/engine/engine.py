@@ -20,6 +20,7 @@ from ecserve.engine.kv_cache import BlockManager
 from ecserve.engine.output import append_token, end_without_token
 from ecserve.engine.runner import (
     ModelRunner,
+    RunnerLost,
     free_memory_bytes,
     kv_bytes_per_block,
     resolve_kernels,
@@ -117,6 +118,7 @@ class Engine:
         self.records: list[StepRecord] = []
         self.observer: EngineObserver | None = None
         self._steps = 0
+        self.lost: str | None = None  # set when the runner can run no further step
 
     def _start_decode_graphs(self) -> None:
         """Capture the default routing scope's decode layouts (1 .. max batch sequences)."""
@@ -156,7 +158,10 @@ class Engine:
         return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt)
 
     def add_request(self, request: Request) -> None:
-        """Queue a request; raises RequestError (bad input) or QueueFullError (overload)."""
+        """Queue a request; raises RequestError (bad input), QueueFullError (overload) or
+        RunnerLost (the engine can run no step: see `lost`)."""
+        if self.lost is not None:
+            raise RunnerLost(self.lost)
         self.validate(request)
         p = request.params
         arrival = request.arrival_time if request.arrival_time is not None else time.monotonic()
@@ -243,9 +248,14 @@ class Engine:
             tokens = sample(logits, params, [s.generator for s in seqs],
                             [s.num_generated for s in seqs], self.model_cfg.eos_token_id)
             logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        except RunnerLost as exc:  # no step can run again: end every request now
+            log.error("the model runner is lost; ending all %d requests: %s", len(self.seqs), exc)
+            self.lost = str(exc)
+            return events + self._fail(list(self.seqs.values()), self.lost)
         except Exception as exc:  # a failed step fails its own requests, not the engine
             log.exception("step failed; ending its %d requests", len(plan.chunks))
-            return events + self._fail(plan, f"{type(exc).__name__}: {exc}")
+            return events + self._fail([self.seqs[c.request_id] for c in plan.chunks],
+                                       f"{type(exc).__name__}: {exc}")
         eos = self.model_cfg.eos_token_id
         events += [append_token(s, t, eos, lp)
                    for s, t, lp in zip(seqs, tokens, logprobs, strict=True)]
@@ -269,8 +279,7 @@ class Engine:
             self._remove(seq)
         return [end_without_token(s, FinishReason.TIME_LIMIT) for s in late]
 
-    def _fail(self, plan: StepPlan, error: str) -> list[TokenEvent]:
-        failed = [self.seqs[c.request_id] for c in plan.chunks]
+    def _fail(self, failed: list[Sequence], error: str) -> list[TokenEvent]:
         for seq in failed:
             self._remove(seq)
         return [end_without_token(s, FinishReason.ERROR, error) for s in failed]

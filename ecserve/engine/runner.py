@@ -37,6 +37,12 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+class RunnerLost(RuntimeError):
+    """The runner can run no further step: an expert-parallel rank is gone, or a step failed
+    part-way and the ranks no longer run the same collectives. The engine then fails every
+    request and reports itself lost (`Engine.lost`); the server stops with exit code 1."""
+
+
 def resolve_kernels(choice: str, device: torch.device) -> str:
     """EngineConfig.kernels -> torch | triton for this device."""
     import ecserve_kernels

@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ecserve.engine.runner import ModelRunner
+from ecserve.engine.runner import ModelRunner, RunnerLost
 from ecserve.parallel.group import ParallelGroup, destroy_group, free_port, init_group
 from ecserve.parallel.moe_ep import default_placement, executable_placement, shard_experts
 from ecserve.placement.plan import Placement
@@ -41,18 +41,30 @@ class DriverRunner(ModelRunner):
         self.decode_graphs = None
         self.group = group
         self.closed = False
+        self.lost: str | None = None  # why the group can run no further step
 
     def execute(
         self, plan: StepPlan, time_experts: bool = False
     ) -> tuple[torch.Tensor, list[MoEStats]]:
-        # Per-expert timing is off here: a rank holds only some experts' weights.
-        broadcast(("step", plan))
-        return super().execute(plan, False)
+        if self.lost is not None:
+            raise RunnerLost(self.lost)
+        try:
+            broadcast(("step", plan))
+            # Per-expert timing is off here: a rank holds only some experts' weights.
+            return super().execute(plan, False)
+        except Exception as exc:
+            # A rank died (gloo: "Connection closed by peer"), or this rank failed part-way
+            # through the step while the others wait in its collectives: no rank can follow
+            # another step, so fail fast rather than hang until the group timeout.
+            self.lost = f"expert-parallel step failed: {type(exc).__name__}: {exc}"
+            raise RunnerLost(self.lost) from exc
 
     def close(self) -> None:
-        """Tell the workers to exit (once)."""
-        if not self.closed:
-            self.closed = True
+        """Tell the workers to exit (once; a lost group cannot be told anything)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.lost is None:
             broadcast(("stop", None))
 
 
@@ -92,12 +104,15 @@ class ExpertParallel:
             raise
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the workers and leave the group."""
+        """Stop the workers and leave the group (a lost group's workers get 2 s, then a kill:
+        they may sit in a collective rank 0 never joins)."""
+        lost = self.runner.lost is not None
         try:
             self.runner.close()
         finally:
-            destroy_group()
-            self._reap(timeout_s)
+            if not lost:  # a broken group's teardown can wait on the dead peer
+                destroy_group()
+            self._reap(2.0 if lost else timeout_s)
 
     def _reap(self, timeout_s: float) -> None:
         for p in self.workers:

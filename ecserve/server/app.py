@@ -37,6 +37,9 @@ class Server:
         self._load_engine = load_engine
         self.servicer = GenerationServicer(cfg)
         self.engine: AsyncEngine | None = None
+        # Set when the engine can run no further step (a lost expert-parallel rank): the
+        # server then drains what it can and exits 1, for the orchestrator to restart it.
+        self.failed = asyncio.Event()
         self.metrics: Metrics | None = None
         self._metrics_http: Any = None
         self.port = self.metrics_port = 0
@@ -60,6 +63,7 @@ class Server:
         log.info("listening on %s:%d; loading the model", self.cfg.host, self.port)
         engine = await _in_daemon_thread(self._load_engine)
         self.engine = AsyncEngine(engine)
+        self.engine.on_lost = self._engine_lost
         self.engine.start()
         if self.cfg.warmup:
             await self._warmup(self.engine)
@@ -94,6 +98,11 @@ class Server:
         while not (item := await queue.get()).finished:
             pass
         log.info("warm-up generation done (%s)", item.finish_reason)
+
+    def _engine_lost(self, reason: str) -> None:
+        log.critical("the engine can run no further step (%s); stopping with exit code 1",
+                     reason)
+        self.failed.set()
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE):  # "" is the whole server, as load balancers probe it
@@ -170,9 +179,11 @@ class _MethodAwarePool:
 
 
 def serve(load_engine: Callable[[], Engine], cfg: ServerConfig) -> int:
-    """Run a server until SIGTERM or SIGINT, then drain it; returns the exit code."""
+    """Run a server until SIGTERM or SIGINT (exit code 0) or until its engine is lost (1),
+    then drain it; returns the exit code."""
 
     async def main() -> None:
+        nonlocal code
         server = Server(load_engine, cfg)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -180,16 +191,21 @@ def serve(load_engine: Callable[[], Engine], cfg: ServerConfig) -> int:
             loop.add_signal_handler(sig, stop.set)
         starting = asyncio.ensure_future(server.start())
         stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        failed = asyncio.ensure_future(server.failed.wait())
+        await asyncio.wait([starting, stopped, failed], return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a failed start (port in use, bad model) raises here
-            await stopped
+            await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
         else:
             starting.cancel()
+        code = 1 if server.failed.is_set() else 0
         await server.drain(cfg.grace_period)
+        stopped.cancel()
+        failed.cancel()
 
+    code = 0
     _run(main())
-    return 0
+    return code
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:

@@ -42,6 +42,9 @@ class AsyncEngine:
         self._work = threading.Event()  # set when the inbox has something
         self._streams: dict[str, asyncio.Queue[Item]] = {}  # live requests (event loop only)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called on the event loop, once, when the engine can run no further step.
+        self.on_lost: Callable[[str], None] | None = None
+        self._lost_reported = False
         self._thread = threading.Thread(target=self._run, name="ecserve-engine", daemon=True)
 
     @property
@@ -137,6 +140,10 @@ class AsyncEngine:
             return
         if events:
             self._post(self._dispatch, events)
+        if self.engine.lost is not None and not self._lost_reported:
+            self._lost_reported = True
+            if self.on_lost is not None:
+                self._post(self.on_lost, self.engine.lost)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None

@@ -150,6 +150,10 @@ class GenerationServicer:
         if self.engine is None:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE,
                                "model is still loading; retry shortly")
+        if self.engine.engine.lost is not None:
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE,
+                               f"the engine stopped ({self.engine.engine.lost}); retry on "
+                               "another replica")
         return self.engine
 
     async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode,
