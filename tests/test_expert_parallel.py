@@ -174,11 +174,14 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def test_a_lost_worker_fails_fast_and_the_server_exits_1(make_model, tmp_path):
-    """A worker rank that dies: the next step fails its requests at once (no hang until the
-    group timeout), the server refuses new work, drains and exits 1 for a restart."""
+@pytest.mark.parametrize("busy", [True, False])
+def test_a_lost_worker_fails_fast_and_the_server_exits_1(make_model, tmp_path, busy):
+    """A worker rank that dies: a live stream ends at once with the reason (no hang until the
+    group timeout); an idle server notices within a second. Either way the server refuses new
+    work, drains and exits 1, for the orchestrator to restart it."""
     import os
     import signal
+    import time
 
     import grpc
 
@@ -197,15 +200,25 @@ def test_a_lost_worker_fails_fast_and_the_server_exits_1(make_model, tmp_path):
     proc = start_serving(cmd, address, log_path, env)
     try:
         (worker,) = children(proc.pid)
-        os.kill(worker, signal.SIGKILL)
-        with Client(address, timeout=30) as c, pytest.raises(grpc.RpcError) as err:
-            c.generate([5, 6, 7], max_new_tokens=4)
-        assert err.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
-        assert "expert-parallel step failed" in (err.value.details() or ""), err.value
+        t0 = time.monotonic()
+        if busy:
+            with Client(address, timeout=30) as c:
+                stream = c.stream([5, 6, 7], max_new_tokens=200, ignore_eos=True)
+                next(stream)  # generating
+                os.kill(worker, signal.SIGKILL)
+                with pytest.raises(grpc.RpcError) as err:
+                    for _ in stream:
+                        pass
+            assert err.value.code() is grpc.StatusCode.INTERNAL, err.value
+            assert "expert-parallel" in (err.value.details() or ""), err.value
+        else:
+            os.kill(worker, signal.SIGKILL)
         code = proc.wait(timeout=30)
         text = log_path.read_text()
-        assert code == 1, text
+        assert code == 1 and time.monotonic() - t0 < 10, text
         assert "stopping with exit code 1" in text and "drained; stopped" in text, text
+        if not busy:
+            assert "expert-parallel worker rank 1" in text and "exited with code -9" in text
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -75,6 +75,7 @@ class ModelRunner:
         # Decode runs go to the paged kernel (Attention.attend): no padded key layout for them.
         self.paged_decode = kernels == "triton" and cfg.position_encoding != "relative_bias"
         self.last_step_graphed = False  # whether the last execute() replayed a decode graph
+        self.lost: str | None = None  # why no further step can run (see RunnerLost)
         self.device = model.embed.device
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed, not empty: attention gathers padded slots, and garbage could hold NaNs.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,7 @@ class DriverRunner(ModelRunner):
         self.decode_graphs = None
         self.group = group
         self.closed = False
-        self.lost: str | None = None  # why the group can run no further step
+        self.lost = None  # set by a failed step, or by ExpertParallel's watchdog
 
     def execute(
         self, plan: StepPlan, time_experts: bool = False
@@ -86,6 +87,7 @@ class ExpertParallel:
             executable_placement(placement, engine.model_cfg, world)
         self.worker_threads = worker_threads
         self.workers: list[subprocess.Popen[bytes]] = []
+        self._closing = threading.Event()
         if group is not None:  # joined already (torchrun started the other ranks)
             self.runner = enable_expert_parallel(engine, group, placement, worker_threads)
             return
@@ -102,10 +104,24 @@ class ExpertParallel:
         except BaseException:
             self._reap(0)
             raise
+        threading.Thread(target=self._watch, name="ecserve-ep-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Mark the group lost as soon as a worker process exits, so an idle server stops
+        reporting SERVING (a busy one learns it from its next step's collective anyway)."""
+        while not self._closing.wait(0.5):
+            for rank, p in enumerate(self.workers, start=1):
+                code = p.poll()
+                if code is not None and not self._closing.is_set():
+                    self.runner.lost = (f"expert-parallel worker rank {rank} (pid {p.pid}) "
+                                        f"exited with code {code}")
+                    log.error("%s", self.runner.lost)
+                    return
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the workers and leave the group (a lost group's workers get 2 s, then a kill:
         they may sit in a collective rank 0 never joins)."""
+        self._closing.set()
         lost = self.runner.lost is not None
         try:
             self.runner.close()

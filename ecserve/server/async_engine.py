@@ -102,7 +102,9 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while True:
-            self._work.wait()
+            # Woken by the inbox, or every second to notice a runner lost while idle.
+            self._work.wait(timeout=1.0)
+            self._report_lost()
             with self._lock:
                 inbox, self._inbox = self._inbox, _Inbox()
                 self._work.clear()
@@ -140,10 +142,14 @@ class AsyncEngine:
             return
         if events:
             self._post(self._dispatch, events)
-        if self.engine.lost is not None and not self._lost_reported:
+        self._report_lost()
+
+    def _report_lost(self) -> None:
+        lost = self.engine.lost
+        if lost is not None and not self._lost_reported:
             self._lost_reported = True
             if self.on_lost is not None:
-                self._post(self.on_lost, self.engine.lost)
+                self._post(self.on_lost, lost)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
