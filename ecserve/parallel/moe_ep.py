@@ -1,21 +1,22 @@
 """The expert-parallel MoE combine: dispatch token rows to the experts' owners and back.
 
-Every rank runs the same router on the same tokens (attention is replicated), so `idx`/`gate`
-[E, K] are identical everywhere. Token t's home rank is t * world // N (a contiguous split of
-the step's tokens). Each rank sends its home tokens' rows, for every (token, expert) slot, to
-the expert's owner with all_to_all_single; the owner runs GLU_e on them; the outputs come back
-the same way; the home rank applies the gates and sums in float32 in ascending expert order
-(index_add_ in expert-major order, as MoELayer.combine does), and an all-gather gives every
-rank the whole [N, d] result.
+Every rank runs attention and the dense layers for all tokens, so it holds the whole input
+x [N, d], and the same router on the same tokens, so `idx`/`gate` [E, K] are identical
+everywhere: no token row needs sending to an expert's owner, and every rank knows who computes
+what. Token t's home rank is t * world // N (a contiguous split of the step's tokens). Each
+owner runs GLU_e on its experts' slots, grouped by the token's home rank, and sends the outputs
+home with one all_to_all_single (split sizes from the shared routing, so no count exchange);
+the home rank applies the gates and sums in float32 in ascending expert order (index_add_ in
+expert-major order, as MoELayer.combine does), and an all-gather gives every rank the whole
+[N, d] result. Two collectives per MoE layer.
 
 The placement is the planner's (ecserve.placement.Placement), per MoE layer: an expert's primary
 device is the rank owning it. Plans with replicas are refused for now (executable_placement).
 
-Traffic counter: each call all-gathers every rank's send counts (the split sizes it is about to
-use, W ints per rank, in place of an all_to_all of the same counts), so every rank knows the
-layer's whole W x W matrix of token rows dispatched, rows[src, dst]; `traffic` accumulates it.
-Off-diagonal rows are the cross-device tokens moved (one direction; the results come back over
-the same pairs), comparable to the planner's prediction with dedup=False.
+Traffic counter: every rank computes the layer's W x W matrix rows[src, dst] (slots whose
+token lives on src and whose expert is on dst) from the shared routing; `traffic` accumulates
+it. Off-diagonal entries are the cross-device rows (the outputs dst sends back to src),
+comparable to the planner's prediction with dedup=False.
 """
 
 from __future__ import annotations
@@ -95,33 +96,34 @@ class ExpertParallelCombine:
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         n, d = x.shape
         num_e, k = idx.shape
+        w = self.world
         flat = idx.flatten()  # [E*K], expert-major
         experts = torch.arange(num_e, device=idx.device).repeat_interleave(k)  # [E*K]
-        lo, hi = home_range(self.rank, self.world, n)
-        mine = (flat >= lo) & (flat < hi)  # valid slots whose token lives here (-1 never does)
-        pos = mine.nonzero().squeeze(1)  # [P]: in expert-major order
-        tok, exp, g = flat[pos], experts[pos], gate.flatten()[pos].float()
-        dest = self.owner.to(exp.device)[exp]  # [P]
-        perm = torch.sort(dest, stable=True).indices  # grouped by owner, expert-major within
-        send_counts = torch.bincount(dest, minlength=self.world)  # [W]
-        counts = [torch.empty_like(send_counts) for _ in range(self.world)]
-        dist.all_gather(counts, send_counts)  # every rank's split sizes: [W, W] rows[src, dst]
-        matrix = torch.stack(counts)
-        self.traffic += matrix.cpu()
+        valid = flat >= 0
+        home = torch.where(valid, flat * w // n, 0)  # [E*K]: rank holding each slot's token
+        owner = self.owner.to(idx.device)[experts]  # [E*K]: rank computing each slot
+        pair = torch.where(valid, home * w + owner, w * w)  # empty slots: a spare bin
+        matrix = torch.zeros(w * w + 1, dtype=torch.long, device=idx.device).scatter_add_(
+            0, pair, torch.ones_like(pair))[: w * w].view(w, w)  # rows[home, owner]
+        counts = matrix.cpu()
+        self.traffic += counts
         self.calls += 1
-        send, recv = send_counts.tolist(), matrix[:, self.rank].tolist()
-        recv_x = x.new_empty(sum(recv), d)
-        dist.all_to_all_single(recv_x, x[tok[perm]].contiguous(), recv, send)
-        recv_e = exp.new_empty(sum(recv))
-        dist.all_to_all_single(recv_e, exp[perm].contiguous(), recv, send)
-        out = self.experts(recv_x, recv_e)  # [R, d] in x.dtype
-        back = x.new_empty(len(pos), d)
-        dist.all_to_all_single(back, out, send, recv)
+        # This rank computes its experts' slots, grouped by the token's home, expert-major within.
+        pos = (valid & (owner == self.rank)).nonzero().squeeze(1)
+        pos = pos[torch.sort(home[pos], stable=True).indices]
+        out = self.experts(x[flat[pos]], experts[pos])  # [R, d] in x.dtype
+        # It gets back its home slots' outputs, grouped by owner, expert-major within.
+        slots = (valid & (home == self.rank)).nonzero().squeeze(1)  # [P], expert-major
+        perm = torch.sort(owner[slots], stable=True).indices
+        back = x.new_empty(len(slots), d)
+        dist.all_to_all_single(back, out, counts[self.rank].tolist(),
+                               counts[:, self.rank].tolist())
         res = torch.empty_like(back)
         res[perm] = back  # back to expert-major slot order
-        contrib = res.float() * g[:, None]  # [P, d]
+        contrib = res.float() * gate.flatten()[slots].float()[:, None]  # [P, d]
+        lo, hi = home_range(self.rank, w, n)
         y_home = torch.zeros(hi - lo, d, dtype=torch.float32, device=x.device)
-        y_home.index_add_(0, tok - lo, contrib)  # each token's experts in ascending order
+        y_home.index_add_(0, flat[slots] - lo, contrib)  # each token's experts in ascending order
         return self.all_gather(y_home, n)
 
     def experts(self, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
