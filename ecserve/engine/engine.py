@@ -118,12 +118,11 @@ class Engine:
         self.records: list[StepRecord] = []
         self.observer: EngineObserver | None = None
         self._steps = 0
-        self._lost: str | None = None
 
     @property
     def lost(self) -> str | None:
         """Why no further step can run (an expert-parallel rank is gone); None while it can."""
-        return self._lost or self.runner.lost
+        return self.runner.lost
 
     def _start_decode_graphs(self) -> None:
         """Capture the default routing scope's decode layouts (1 .. max batch sequences)."""
@@ -255,8 +254,8 @@ class Engine:
             logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
         except RunnerLost as exc:  # no step can run again: end every request now
             log.error("the model runner is lost; ending all %d requests: %s", len(self.seqs), exc)
-            self._lost = str(exc)
-            return events + self._fail(list(self.seqs.values()), self._lost)
+            self.runner.lost = str(exc)
+            return events + self._fail(list(self.seqs.values()), str(exc))
         except Exception as exc:  # a failed step fails its own requests, not the engine
             log.exception("step failed; ending its %d requests", len(plan.chunks))
             return events + self._fail([self.seqs[c.request_id] for c in plan.chunks],

@@ -41,8 +41,7 @@ class DriverRunner(ModelRunner):
         # every step here also runs collectives with the other ranks, so it runs eagerly.
         self.decode_graphs = None
         self.group = group
-        self.closed = False
-        self.lost = None  # set by a failed step, or by ExpertParallel's watchdog
+        self.closed = False  # `lost` (inherited) is set by a failed step or the watchdog
 
     def execute(
         self, plan: StepPlan, time_experts: bool = False

@@ -1,4 +1,4 @@
-"""The expert-parallel MoE combine: dispatch token rows to the experts' owners and back.
+"""The expert-parallel MoE combine: each rank runs its own experts, the outputs go home.
 
 Every rank runs attention and the dense layers for all tokens, so it holds the whole input
 x [N, d], and the same router on the same tokens, so `idx`/`gate` [E, K] are identical
