@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ecserve.config import DTYPES, SCOPES, ConfigError, EngineConfig, ServerConfig
+from ecserve.config import DTYPES, POLICIES, SCOPES, ConfigError, EngineConfig, ServerConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, help="most requests queued for admission (1024)")
     p.add_argument("--max-waiting-tokens", type=int,
                    help="most prompt tokens queued for admission (262144)")
+    p.add_argument("--max-prefill-chunk", type=int,
+                   help="most prompt tokens of one sequence per step (default: the step budget)")
+    p.add_argument("--routing-policy", choices=POLICIES,
+                   help="serve with this routing policy instead of the model's")
+    p.add_argument("--max-experts-per-token", type=int,
+                   help="b, the most experts a token takes under capped and threshold "
+                        "(default: the model's)")
     p.add_argument("--kernels", choices=("auto", "torch", "triton"),
                    help="Triton kernels (auto: on CUDA devices) or plain torch")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,

@@ -39,6 +39,8 @@ def build_request(
     token_ids: bool = False,
     logprobs: bool = False,
     top_logprobs: int = 0,
+    prompt_logprobs: bool = False,
+    prompt_top_logprobs: int = 0,
     routing_scope: str | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; None and zero values leave the server's defaults in force."""
@@ -50,7 +52,8 @@ def build_request(
             time_limit_ms=time_limit_ms, ignore_eos=ignore_eos,
         ),
         response=pb.ResponseOptions(token_ids=token_ids, logprobs=logprobs,
-                                    top_logprobs=top_logprobs),
+                                    top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+                                    prompt_top_logprobs=prompt_top_logprobs),
         routing_scope=ROUTING_SCOPES[routing_scope],
     )
     if isinstance(prompt, str):

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Union
 
-POLICIES = ("ec", "capped", "token_choice")
-RESERVED_POLICIES = ("threshold",)  # in the spec, not implemented yet: needs calibrated thetas
+POLICIES = ("ec", "capped", "threshold", "token_choice")
+# Policies that route each token on its own (batch-invariant): any cut of a step into groups
+# fills every slot, and the layout is dropless (as wide as the busiest expert).
+PER_TOKEN_POLICIES = ("threshold", "token_choice")
 SCOPES = ("batch", "sequence")
 ACTIVATIONS = ("silu", "gelu")
 POSITION_ENCODINGS = ("rope", "relative_bias")
@@ -41,11 +43,12 @@ def exact_fraction(x: float) -> Fraction:
 class RoutingConfig:
     """How MoE layers assign tokens to experts (shared/spec/routing.md)."""
 
-    # ec | capped | token_choice. `threshold` is reserved for calibrated thresholds.
+    # ec | capped | threshold | token_choice (shared/spec/routing.md section 3). `threshold`
+    # needs the per-expert thresholds the checkpoint stores (layers.N.moe.threshold).
     policy: str = "capped"
     # c: expert slots per token on average; each expert takes k(n) = min(n, ceil(n*c/E)) tokens.
     capacity_factor: float = 2.0
-    # b, the most experts one token may take under `capped`; None means E (no per-token cap).
+    # b, the most experts one token may take under `capped` and `threshold`; None means E.
     max_experts_per_token: int | None = None
     # K, the experts each token picks under `token_choice`.
     top_k: int = 2
@@ -58,11 +61,6 @@ class RoutingConfig:
     scope: str = "batch"
 
     def validate(self, num_experts: int, path: str = "routing") -> None:
-        if self.policy in RESERVED_POLICIES:
-            raise ConfigError(
-                f"{path}.policy: {self.policy!r} is not supported yet (it needs thresholds "
-                f"calibrated from ec routing); use one of {', '.join(POLICIES)}"
-            )
         _check_choice(f"{path}.policy", self.policy, POLICIES)
         _check_choice(f"{path}.scope", self.scope, SCOPES)
         if not self.capacity_factor > 0 or not math.isfinite(self.capacity_factor):
@@ -78,7 +76,7 @@ class RoutingConfig:
                 f"{path}.top_k must be in [1, num_experts={num_experts}], got {self.top_k}"
             )
         unit = self.group_unit(num_experts)
-        if self.policy != "token_choice" and self.group_size % unit:
+        if self.policy not in PER_TOKEN_POLICIES and self.group_size % unit:
             raise ConfigError(
                 f"{path}.group_size={self.group_size} must be a multiple of {unit} (the smallest "
                 f"group whose n*c/E is whole for c={self.capacity_factor}, E={num_experts})"
@@ -214,6 +212,13 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5
     max_waiting: int = 1024  # most requests queued for admission; more are refused
     max_waiting_tokens: int = 262144  # most prompt tokens queued for admission; more are refused
+    # Most prompt tokens of one sequence in one step; None: what the step's budget allows. 1
+    # scores a prompt as decode steps would (one token per sequence per step).
+    max_prefill_chunk: int | None = None
+    # Serve with another routing policy than the checkpoint's (ec | capped | threshold |
+    # token_choice) and another per-token expert cap b; None: the checkpoint's.
+    routing_policy: str | None = None
+    max_experts_per_token: int | None = None
     record_steps: bool = False  # debug: keep every step's routing groups and sampled logits
     # Every Nth step, time each expert's work alone for the per-expert latency metric (a
     # measurement pass beside the real computation: about 1/N of the MoE layers' time); 0: off.
@@ -237,7 +242,10 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting",
                      "max_waiting_tokens", "cuda_graph_limit"):
             _check_positive(name, getattr(self, name))
-        for name in ("max_model_len", "cuda_graph_max_batch"):
+        if self.routing_policy is not None:
+            _check_choice("routing_policy", self.routing_policy, POLICIES)
+        for name in ("max_model_len", "cuda_graph_max_batch", "max_prefill_chunk",
+                     "max_experts_per_token"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         if not isinstance(self.expert_timing_every, int) or self.expert_timing_every < 0:

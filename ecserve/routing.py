@@ -76,8 +76,18 @@ def expert_choice(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, to
     """Each expert takes its `capacity` highest-scoring tokens: idx, gate [E, capacity]."""
     n, _ = _check_scores(scores)
     _check_capacity(capacity, n)
-    gate, idx = _sort_desc(scores.t())
-    return idx[:, :capacity].contiguous(), gate[:, :capacity].contiguous()
+    idx, gate = expert_choice_groups(scores[None], capacity)
+    return idx[0], gate[0]
+
+
+def expert_choice_groups(
+    scores: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ec` over G equal-sized groups at once: scores [G, n, E] -> idx, gate [G, E, capacity].
+
+    The gates keep their autograd history (training routes through this)."""
+    gate, idx = _sort_desc(scores.transpose(-1, -2))  # [G, E, n]
+    return idx[..., :capacity].contiguous(), gate[..., :capacity].contiguous()
 
 
 def capped_choice(
@@ -153,16 +163,50 @@ def token_choice(
         top64 = top.double()
         top = (top64 / top64.sum(-1, keepdim=True)).float()
     chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, exp, True)
-    # -inf sorts unchosen pairs after every chosen one; _pack only keeps chosen ones anyway.
-    dense = torch.full_like(scores, -math.inf).scatter_(1, exp, top)
-    gate, tok = _sort_desc(dense.t())
+    # -inf marks unchosen pairs; _dropless only keeps chosen ones anyway.
+    return _dropless(chosen, torch.full_like(scores, -math.inf).scatter(1, exp, top),
+                     static_width)
+
+
+def threshold_choice(
+    scores: torch.Tensor, thresholds: torch.Tensor, max_experts_per_token: int,
+    static_width: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token t goes to expert e iff S[t, e] >= thresholds[e], at most max_experts_per_token
+    experts per token, best first (ties: lower expert). Dropless layout as token_choice's, the
+    gate the raw S[t, e]. Each token is routed on its own: causal and batch-invariant."""
+    n, num_experts = _check_scores(scores)
+    if thresholds.shape != (num_experts,) or thresholds.dtype != torch.float32:
+        raise ValueError(f"thresholds must be float32 [{num_experts}], got "
+                         f"{thresholds.dtype} {list(thresholds.shape)}")
+    if max_experts_per_token < 1:
+        raise ValueError(f"max_experts_per_token must be >= 1, got {max_experts_per_token}")
+    chosen = scores >= thresholds
+    if max_experts_per_token < num_experts:
+        # [n, E]: each token's passing experts, best first (the others sort after them)
+        _, order = _sort_desc(torch.where(chosen, scores, -math.inf))
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(num_experts, device=scores.device).expand(n, -1))
+        chosen &= rank < max_experts_per_token
+    return _dropless(chosen, scores, static_width)
+
+
+def _dropless(
+    chosen: torch.Tensor, weight: torch.Tensor, static_width: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-centric choices (chosen bool [n, E], weight [n, E]) -> the expert-centric layout
+    [E, m], m the most tokens any expert got (static_width: n), slots by descending weight
+    (ties: lower token)."""
+    gate, tok = _sort_desc(torch.where(chosen, weight, -math.inf).t())
     # dropless: the busiest expert sets the width (read back from the device, unless static)
-    width = scores.shape[0] if static_width else int(chosen.sum(0).max())
+    # (at least one slot, so no expert has an empty layout)
+    width = chosen.shape[0] if static_width else max(1, int(chosen.sum(0).max()))
     return _pack(tok[:, :width], gate[:, :width], chosen.t().gather(1, tok[:, :width]), width)
 
 
 PolicyFn = Callable[[torch.Tensor, RoutingConfig], Routing]
-# Policy name -> router. New policies (e.g. `threshold`, once calibrated) register here.
+# Policy name -> router, for the policies a RoutingConfig alone defines (`threshold` also needs
+# the model's calibrated thresholds: MoELayer calls threshold_choice).
 ROUTING_POLICIES: dict[str, PolicyFn] = {}
 
 
@@ -197,6 +241,9 @@ def _route_token_choice(scores: torch.Tensor, cfg: RoutingConfig) -> Routing:
 def route(scores: torch.Tensor, cfg: RoutingConfig) -> Routing:
     """Route one group's float32 router probabilities [n, E] with cfg's policy."""
     fn = ROUTING_POLICIES.get(cfg.policy)
+    if cfg.policy == "threshold":
+        raise ValueError("threshold routing needs the model's calibrated thresholds: "
+                         "use threshold_choice")
     if fn is None:
         raise ValueError(f"unknown routing policy {cfg.policy!r}; implemented: "
                          f"{', '.join(sorted(ROUTING_POLICIES))}")

@@ -41,6 +41,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the model's EOS token
     time_limit: float | None = None  # seconds from arrival, after which the request stops
     logprobs: int | None = None  # None: none; n >= 0: the token's logprob and the top n others
+    # None: none; n >= 0: each prompt token's logprob given the tokens before it (None for the
+    # first), and the top n others, computed in the engine's prefill steps (its grouping)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -64,6 +67,8 @@ class SamplingParams:
             raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -90,6 +95,14 @@ class ScheduledChunk:
     start_pos: int  # position of token_ids[0] in its sequence
     block_table: tuple[int, ...]  # the sequence's KV blocks, covering start_pos + len(token_ids)
     sample: bool  # the chunk reaches the newest token, so a next token is sampled from it
+    # prompt_logprobs: the model also returns logits at each prompt token of the chunk but the
+    # prompt's last (whose logits are the sampled ones)
+    score_prompt: bool = False
+
+    @property
+    def num_scored(self) -> int:
+        """Rows of prompt logits this chunk adds after the step's sampled rows."""
+        return len(self.token_ids) - self.sample if self.score_prompt else 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,9 @@ class MoEStats:
         return int(self.experts_per_token[0])
 
 
+TokenLogprobs = tuple[float, tuple[tuple[int, float], ...]]  # (logprob, top n (id, logprob))
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """One sampled token (or a request's end without one), streamed back to the caller."""
@@ -134,6 +150,9 @@ class TokenEvent:
     logprob: float | None = None  # log-probability of token_id, when the request asked for it
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, logprob), most likely first
     detail: str = ""  # the matched stop sequence (STOP_SEQUENCE) or the error (ERROR)
+    # On a request's first event, when it asked for prompt_logprobs: one entry per prompt
+    # token, None for the first (nothing precedes it)
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] = ()
 
     @property
     def finished(self) -> bool:

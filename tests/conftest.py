@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ecserve.config import ModelConfig
-from ecserve.model.default import write_model
+from ecserve.model.default import init_weights, write_model
+from ecserve.model.weights import save_model
 
 torch.set_num_threads(2)
 
@@ -40,13 +41,31 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def spread_thresholds(num_experts: int) -> torch.Tensor:
+    """Per-expert thresholds around the uniform score 1/E: on a random tiny model, tokens then
+    get 0, 1, 2 or more experts."""
+    return torch.linspace(0.8, 1.4, num_experts) / num_experts
+
+
 @pytest.fixture
 def make_model(tmp_path: Path) -> Callable[..., Path]:
-    """make_model(seed=0, **overrides) -> a model directory holding a random tiny model."""
+    """make_model(seed=0, thresholds=None, **overrides) -> a model directory holding a random
+    tiny model. thresholds: True (spread_thresholds) or float32 [E] for every MoE layer; the
+    default adds them when the routing policy is threshold."""
     counter = iter(range(1000))
 
-    def make(seed: int = 0, **overrides: Any) -> Path:
+    def make(seed: int = 0, thresholds: bool | torch.Tensor | None = None,
+             **overrides: Any) -> Path:
         cfg = ModelConfig.from_dict(tiny_config(**overrides))
-        return write_model(tmp_path / f"model{next(counter)}", cfg, seed)
+        path = tmp_path / f"model{next(counter)}"
+        if thresholds is None:
+            thresholds = cfg.routing.policy == "threshold"
+        if thresholds is False:
+            return write_model(path, cfg, seed)
+        theta = spread_thresholds(cfg.num_experts) if thresholds is True else thresholds
+        state = init_weights(cfg, seed)
+        state.update({f"layers.{i}.moe.threshold": theta.clone() for i in cfg.moe_layers or ()})
+        save_model(path, cfg, state)
+        return path
 
     return make

@@ -32,9 +32,11 @@ def causal_attention(q, k, v, bias=None):
 
 @torch.no_grad()
 def recompute_logits(
-    model: Transformer, tokens: dict[str, list[int]], groups: list[list[Token]]
+    model: Transformer, tokens: dict[str, list[int]], groups: list[list[Token]],
+    router_scores: dict[int, dict[Token, torch.Tensor]] | None = None,
 ) -> dict[Token, torch.Tensor]:
-    """Logits [V] after every token the groups cover, keyed by (request id, position)."""
+    """Logits [V] after every token the groups cover, keyed by (request id, position).
+    router_scores: filled with each MoE layer's float32 router probabilities [E] per token."""
     cfg = model.cfg
     covered: dict[str, int] = {}
     for g in groups:
@@ -70,6 +72,9 @@ def recompute_logits(
             x, _ = block.feed_forward(h, (0, h.shape[0]))
             continue
         y = block.ffn_norm(h)
+        if router_scores is not None:
+            scores = block.moe.scores(y)
+            router_scores[block.moe.layer] = {tok: scores[i] for tok, i in flat.items()}
         moe_out = torch.zeros_like(y)
         for g in groups:
             idx = torch.tensor([flat[tok] for tok in g])

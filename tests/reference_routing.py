@@ -68,3 +68,18 @@ def ref_token_choice(
             picked[e].append((t, _f32(s[t][e] / denom) if renormalize else s[t][e]))
     rows = [sorted(row, key=lambda tg: (-tg[1], tg[0])) for row in picked]
     return _layout(rows, max(len(row) for row in rows))
+
+
+def ref_threshold_choice(
+    scores: torch.Tensor, thresholds: torch.Tensor, max_experts_per_token: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    s, theta = scores.tolist(), thresholds.tolist()
+    n, num_experts = len(s), len(s[0])
+    picked: list[list[tuple[int, float]]] = [[] for _ in range(num_experts)]
+    for t in range(n):
+        passing = [e for e in range(num_experts) if s[t][e] >= theta[e]]
+        best = sorted(passing, key=lambda e: (-s[t][e], e))[:max_experts_per_token]
+        for e in best:
+            picked[e].append((t, s[t][e]))
+    rows = [sorted(row, key=lambda tg: (-tg[1], tg[0])) for row in picked]
+    return _layout(rows, max(1, max(len(row) for row in rows)))

@@ -167,7 +167,8 @@ def test_bad_model_values(overrides, pattern):
     # c=0.3, E=4: n*c/E is first whole at n=40
     ({"capacity_factor": 0.3, "group_size": 20},
      r"^routing\.group_size=20 must be a multiple of 40 \(.*c=0\.3, E=4\)$"),
-    ({"policy": "switch"}, r"^routing\.policy: 'switch' is not one of ec, capped, token_choice$"),
+    ({"policy": "switch"},
+     r"^routing\.policy: 'switch' is not one of ec, capped, threshold, token_choice$"),
     ({"scope": "global"}, r"^routing\.scope: 'global' is not one of batch, sequence$"),
 ])
 def test_bad_routing_values_use_dotted_paths(routing, pattern):
@@ -175,12 +176,21 @@ def test_bad_routing_values_use_dotted_paths(routing, pattern):
         parse(routing=routing)
 
 
-def test_threshold_policy_is_reserved_not_unknown():
-    with pytest.raises(ConfigError) as err:
-        parse(routing={"policy": "threshold"})
-    msg = str(err.value)
-    assert msg.startswith("routing.policy: 'threshold' is not supported yet")
-    assert "is not one of" not in msg and "ec, capped, token_choice" in msg
+def test_threshold_policy_takes_b_and_any_group_size():
+    r = parse(routing={"policy": "threshold", "max_experts_per_token": 2, "group_size": 9}).routing
+    assert (r.policy, r.max_experts_per_token, r.group_size) == ("threshold", 2, 9)
+    with pytest.raises(ConfigError, match=r"^routing\.max_experts_per_token must be in"):
+        parse(routing={"policy": "threshold", "max_experts_per_token": 5})
+
+
+def test_engine_routing_overrides_are_checked():
+    assert EngineConfig(routing_policy="threshold", max_experts_per_token=2).routing_policy == (
+        "threshold")
+    with pytest.raises(ConfigError, match="routing_policy: 'switch' is not one of ec, capped"):
+        EngineConfig(routing_policy="switch")
+    for name in ("max_experts_per_token", "max_prefill_chunk"):
+        with pytest.raises(ConfigError, match=f"{name} must be > 0, got 0"):
+            EngineConfig(**{name: 0})
 
 
 def test_group_size_unit_only_binds_expert_choice_policies():

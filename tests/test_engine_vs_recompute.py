@@ -56,7 +56,7 @@ ENGINE = EngineConfig(device="cpu", max_num_batched_tokens=24, max_num_seqs=8, b
                       kv_cache_bytes=1 << 22, record_steps=True)
 
 
-@pytest.mark.parametrize("policy", ["ec", "capped", "token_choice"])
+@pytest.mark.parametrize("policy", ["ec", "capped", "threshold", "token_choice"])
 def test_cached_engine_equals_recompute(make_model, policy):
     routing = {"policy": policy, "max_experts_per_token": 2 if policy == "capped" else None}
     engine = Engine(make_model(routing=routing), ENGINE)

@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference_routing import ref_capped_choice, ref_expert_choice, ref_token_choice
+from reference_routing import (
+    ref_capped_choice,
+    ref_expert_choice,
+    ref_threshold_choice,
+    ref_token_choice,
+)
 
 from ecserve.config import POLICIES, RoutingConfig
 from ecserve.routing import (
@@ -17,7 +22,9 @@ from ecserve.routing import (
     Routing,
     capped_choice,
     expert_choice,
+    expert_choice_groups,
     route,
+    threshold_choice,
     token_choice,
 )
 
@@ -102,6 +109,88 @@ def test_token_choice_matches_reference(seed: int) -> None:
     for rng, _, num_experts, s in _shapes(300 + seed, 80):
         top_k, renorm = rng.randint(1, num_experts), rng.random() < 0.5
         _assert_same(token_choice(s, top_k, renorm), ref_token_choice(s, top_k, renorm))
+
+
+def _thresholds(rng: random.Random, s: torch.Tensor) -> torch.Tensor:
+    """Per-expert thresholds that split the tokens: often an exact score (ties with >=),
+    sometimes above every score (an expert nobody reaches) or 0 (every token passes)."""
+    n, num_experts = s.shape
+    theta = []
+    for e in range(num_experts):
+        mode = rng.random()
+        if mode < 0.5:
+            theta.append(float(s[rng.randrange(n), e]))
+        elif mode < 0.6:
+            theta.append(1.0 + 1e-3)
+        elif mode < 0.7:
+            theta.append(0.0)
+        else:
+            theta.append(rng.random() / num_experts * 2)
+    return torch.tensor(theta, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_threshold_choice_matches_reference(seed: int) -> None:
+    for rng, _, num_experts, s in _shapes(500 + seed, 80):
+        theta, b = _thresholds(rng, s), rng.randint(1, num_experts)
+        _assert_same(threshold_choice(s, theta, b), ref_threshold_choice(s, theta, b))
+
+
+def test_threshold_choice_is_batch_invariant_and_causal() -> None:
+    """A token's experts and gates depend on its own scores only: routed in any group (any
+    neighbours, any position, alone) it gets the same ones."""
+    for rng, n, num_experts, s in _shapes(600, 60):
+        theta, b = _thresholds(rng, s), rng.randint(1, num_experts)
+
+        def pairs(scores: torch.Tensor, rows: list[int], theta=theta, b=b) -> dict[int, set]:
+            idx, gate = threshold_choice(scores, theta, b)
+            out: dict[int, set] = {t: set() for t in rows}
+            for e, slot in (idx >= 0).nonzero().tolist():
+                out[rows[int(idx[e, slot])]].add((e, float(gate[e, slot])))
+            return out
+
+        whole = pairs(s, list(range(n)))
+        perm = list(range(n))
+        rng.shuffle(perm)
+        assert pairs(s[perm], perm) == whole
+        for t in range(n):
+            assert pairs(s[t:t + 1], [t]) == {t: whole[t]}
+        assert pairs(s[: n // 2 + 1], list(range(n // 2 + 1))) == {
+            t: whole[t] for t in range(n // 2 + 1)}
+
+
+def test_threshold_choice_static_width_pads_the_dropless_layout() -> None:
+    for rng, n, num_experts, s in _shapes(700, 40):
+        theta, b = _thresholds(rng, s), rng.randint(1, num_experts)
+        idx, gate = threshold_choice(s, theta, b)
+        sidx, sgate = threshold_choice(s, theta, b, static_width=True)
+        m = idx.shape[1]
+        assert sidx.shape == (num_experts, n) and m <= max(1, n)
+        assert torch.equal(sidx[:, :m], idx) and torch.equal(sgate[:, :m], gate)
+        assert (sidx[:, m:] == -1).all() and (sgate[:, m:] == 0).all()
+
+
+def test_threshold_choice_bad_inputs() -> None:
+    s = torch.full((4, 3), 1 / 3)
+    with pytest.raises(ValueError, match=r"thresholds must be float32 \[3\]"):
+        threshold_choice(s, torch.zeros(4), 3)
+    with pytest.raises(ValueError, match="thresholds must be float32"):
+        threshold_choice(s, torch.zeros(3, dtype=torch.float64), 3)
+    with pytest.raises(ValueError, match="max_experts_per_token"):
+        threshold_choice(s, torch.zeros(3), 0)
+    with pytest.raises(ValueError, match="float32"):
+        threshold_choice(s.bfloat16(), torch.zeros(3), 3)
+
+
+def test_expert_choice_groups_equals_one_group_at_a_time() -> None:
+    rng = random.Random(9)
+    for g, n, num_experts in ((1, 5, 4), (3, 8, 8), (7, 16, 2)):
+        s = torch.stack([_scores(rng, n, num_experts) for _ in range(g)])
+        k = rng.randint(1, n)
+        idx, gate = expert_choice_groups(s, k)
+        assert idx.shape == gate.shape == (g, num_experts, k)
+        for i in range(g):
+            _assert_same((idx[i], gate[i]), ref_expert_choice(s[i], k))
 
 
 def test_token_choice_static_width_pads_the_dropless_layout() -> None:
@@ -203,12 +292,14 @@ def test_route_computes_capacity_and_total_exactly() -> None:
 
 
 def test_registry_covers_config_policies() -> None:
-    assert set(POLICIES) <= set(ROUTING_POLICIES)
+    # threshold also needs the model's thresholds: MoELayer routes it (threshold_choice).
+    assert set(POLICIES) - {"threshold"} <= set(ROUTING_POLICIES)
 
 
-@pytest.mark.parametrize("policy", ["threshold", "bogus"])
-def test_unknown_policy(policy: str) -> None:
-    with pytest.raises(ValueError, match=policy):
+@pytest.mark.parametrize("policy,message", [("threshold", "calibrated thresholds"),
+                                            ("bogus", "unknown routing policy 'bogus'")])
+def test_route_refuses(policy: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         route(torch.full((4, 2), 0.5), RoutingConfig(policy=policy))
 
 

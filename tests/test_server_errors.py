@@ -148,6 +148,11 @@ CASES: list[tuple[str, pb.GenerateRequest, str]] = [
     ("top_logprobs over the server's max",
      req(logprobs=True, top_logprobs=LIMITS.max_top_logprobs + 1), "response.top_logprobs"),
     ("top_logprobs without logprobs", req(top_logprobs=2), "response.top_logprobs"),
+    ("prompt_top_logprobs over the server's max",
+     req(prompt_logprobs=True, prompt_top_logprobs=LIMITS.max_top_logprobs + 1),
+     "response.prompt_top_logprobs"),
+    ("prompt_top_logprobs without prompt_logprobs", req(prompt_top_logprobs=2),
+     "response.prompt_top_logprobs"),
     ("unknown routing scope", with_scope(req(), 7), "routing_scope"),
     ("negative routing scope", with_scope(req(), -1), "routing_scope"),
 ]
@@ -234,6 +239,8 @@ EDGES: list[tuple[str, pb.GenerateRequest]] = [
      req(stop_sequences=[f"s{i}" for i in range(LIMITS.max_stop_sequences - 1)]
          + ["é" * LIMITS.max_stop_sequence_length])),
     ("most top_logprobs", req(logprobs=True, top_logprobs=LIMITS.max_top_logprobs)),
+    ("most prompt_top_logprobs",
+     req(prompt_logprobs=True, prompt_top_logprobs=LIMITS.max_top_logprobs)),
     ("sequence scope", with_scope(req(), pb.ROUTING_SCOPE_SEQUENCE)),
     ("batch scope", with_scope(req(), pb.ROUTING_SCOPE_BATCH)),
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from ecserve.config import EngineConfig, RoutingConfig
+from ecserve.config import PER_TOKEN_POLICIES, EngineConfig, RoutingConfig
 from ecserve.engine.grouping import batch_group_sizes, sequence_group_sizes
 from ecserve.engine.kv_cache import BlockManager
 from ecserve.engine.sequence import SeqStatus, Sequence
@@ -24,8 +24,8 @@ class Batcher:
     ) -> None:
         self.cfg = cfg
         self.group_size = routing.group_size
-        # token_choice routes every token on its own, so any cut fills every slot.
-        self.unit = 1 if routing.policy == "token_choice" else routing.group_unit(num_experts)
+        # token_choice and threshold route every token on its own: any cut fills every slot.
+        self.unit = 1 if routing.policy in PER_TOKEN_POLICIES else routing.group_unit(num_experts)
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.waiting_tokens = 0  # prompt tokens of the waiting requests
@@ -109,10 +109,13 @@ class Batcher:
             self.running.append(seq)
 
     def _prefill_len(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_prompt - seq.num_computed, budget)
+        cap = self.cfg.max_prefill_chunk
+        n = min(seq.num_prompt - seq.num_computed, budget, cap or budget)
         if seq.scope == "sequence" and seq.num_computed + n < seq.num_prompt:
-            # Chunks end on group boundaries so the prompt's groups never depend on the load.
-            end = (seq.num_computed + n) // self.group_size * self.group_size
+            # Chunks end on group boundaries (or on multiples of a smaller chunk cap) so the
+            # prompt's groups never depend on the load.
+            unit = min(self.group_size, cap or self.group_size)
+            end = (seq.num_computed + n) // unit * unit
             n = end - seq.num_computed
         return n
 
@@ -124,4 +127,5 @@ class Batcher:
     def _prefill_chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start = seq.num_computed
         return ScheduledChunk(seq.request_id, tuple(seq.token_ids[start:start + n]), start,
-                              seq.block_table, sample=start + n == seq.num_prompt)
+                              seq.block_table, sample=start + n == seq.num_prompt,
+                              score_prompt=seq.prompt_logprobs is not None)

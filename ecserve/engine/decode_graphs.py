@@ -11,9 +11,9 @@ layout gets its own graph instead, captured on first use (or ahead of time: `cap
 What makes a step graphable: one new token per sequence, each sampled (a pure decode step),
 attention through the paged kernel (block tables padded to a fixed width, so no shape follows
 the context length), and a routing policy with static shapes and no host sync (`ec`, `capped`
-without a per-token cap, and `token_choice` in its widest dropless layout, n slots per expert:
-the empty ones cost compute a memory-bound decode step has to spare). Everything else runs
-eagerly, as does a step that times experts.
+without a per-token cap, and `token_choice` and `threshold` in their widest dropless layout, n
+slots per expert: the empty ones cost compute a memory-bound decode step has to spare).
+Everything else runs eagerly, as does a step that times experts.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ecserve.config import PER_TOKEN_POLICIES
 from ecserve.model.attention import LayerKV
 from ecserve.model.batch import ForwardBatch
 from ecserve.model.transformer import Transformer
@@ -168,9 +169,9 @@ class DecodeGraphs:
 def _settled(st: MoEStats) -> MoEStats:
     """A replay's statistics as the eager step reports them: copies (the next replay rewrites
     the buffers), and token_choice's capacity as the dropless width the eager layout has (the
-    busiest expert's tokens), not the static layout's n."""
+    busiest expert's tokens; threshold's too), not the static layout's n."""
     tokens = st.tokens_per_expert.clone()
-    slots = int(tokens.max()) if st.policy == "token_choice" else st.capacity_slots
+    slots = max(1, int(tokens.max())) if st.policy in PER_TOKEN_POLICIES else st.capacity_slots
     return dataclasses.replace(st, tokens_per_expert=tokens, gate_sum=st.gate_sum.clone(),
                                experts_per_token=st.experts_per_token.clone(),
                                capacity_slots=slots)

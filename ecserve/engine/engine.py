@@ -5,6 +5,7 @@ New requests join between steps (continuous batching); the server drives the sam
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -83,7 +84,7 @@ class Engine:
         self.cfg = cfg = cfg or EngineConfig()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.model_name = self.model_dir.name if model_dir is not None else "default"
-        self.model_cfg: ModelConfig = read_config(self.model_dir)
+        self.model_cfg: ModelConfig = with_routing_overrides(read_config(self.model_dir), cfg)
         mc = self.model_cfg
         self.tokenizer = load_tokenizer(self.model_dir, mc.tokenizer, mc.bos_token_id,
                                         mc.eos_token_id)
@@ -203,9 +204,9 @@ class Engine:
         bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"stop_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
-        if p.logprobs is not None and p.logprobs > vocab:
-            raise RequestError(f"logprobs: {p.logprobs} alternatives asked, the vocabulary has "
-                               f"{vocab}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (n := getattr(p, name)) is not None and n > vocab:
+                raise RequestError(f"{name}: {n} alternatives asked, the vocabulary has {vocab}")
         if r.routing_scope is not None and r.routing_scope not in SCOPES:
             raise RequestError(f"routing_scope: {r.routing_scope!r} is not one of "
                                f"{', '.join(SCOPES)}")
@@ -247,11 +248,13 @@ class Engine:
         every = self.cfg.expert_timing_every
         self._steps += 1
         try:
-            logits, moe_stats = self.runner.execute(plan, every > 0 and self._steps % every == 0)
+            rows, moe_stats = self.runner.execute(plan, every > 0 and self._steps % every == 0)
+            logits = rows[:len(seqs)]  # the sampled rows; the prompt rows scored follow
             params = [s.request.params for s in seqs]
             tokens = sample(logits, params, [s.generator for s in seqs],
                             [s.num_generated for s in seqs], self.model_cfg.eos_token_id)
             logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
+            self._score_prompts(plan, rows[len(seqs):])
         except RunnerLost as exc:  # no step can run again: end every request now
             log.error("the model runner is lost; ending all %d requests: %s", len(self.seqs), exc)
             self.runner.lost = str(exc)
@@ -271,9 +274,24 @@ class Engine:
         if self.observer is not None:
             self.observer.step_done(self.last_stats)
         if self.cfg.record_steps:
-            rows = dict(zip((s.request_id for s in seqs), logits, strict=True))
-            self.records.append(StepRecord(self.last_stats, rows))
+            sampled = dict(zip((s.request_id for s in seqs), logits, strict=True))
+            self.records.append(StepRecord(self.last_stats, sampled))
         return events
+
+    def _score_prompts(self, plan: StepPlan, rows: torch.Tensor) -> None:
+        """Append the logprobs of the prompt tokens this step's scored rows predict."""
+        i = 0
+        for c in plan.chunks:
+            if not c.num_scored:
+                continue
+            seq = self.seqs[c.request_id]
+            assert seq.prompt_logprobs is not None
+            start = c.start_pos + 1  # row j predicts prompt token start_pos + j + 1
+            targets = seq.token_ids[start:start + c.num_scored]
+            top = seq.request.params.prompt_logprobs
+            seq.prompt_logprobs += token_logprobs(rows[i:i + c.num_scored], targets,
+                                                  [top] * c.num_scored)
+            i += c.num_scored
 
     def _expire(self) -> list[TokenEvent]:
         """End the requests whose time limit has passed, before they take a place in a step."""
@@ -317,6 +335,16 @@ class Engine:
         del self.seqs[seq.request_id]
         if self.observer is not None:
             self.observer.request_done(request_stats(seq, time.monotonic()))
+
+
+def with_routing_overrides(mc: ModelConfig, cfg: EngineConfig) -> ModelConfig:
+    """The checkpoint's config with the engine's routing_policy / max_experts_per_token."""
+    changes = {k: v for k, v in (("policy", cfg.routing_policy),
+                                 ("max_experts_per_token", cfg.max_experts_per_token))
+               if v is not None}
+    if not changes:
+        return mc
+    return dataclasses.replace(mc, routing=dataclasses.replace(mc.routing, **changes))
 
 
 def request_stats(seq: Sequence, now: float) -> RequestStats:

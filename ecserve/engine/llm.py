@@ -10,7 +10,7 @@ from pathlib import Path
 from ecserve.config import EngineConfig
 from ecserve.engine.batcher import QueueFullError
 from ecserve.engine.engine import Engine
-from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent
+from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class GenerationOutput:
     token_ids: list[int]  # the generated ids
     finish_reason: FinishReason
     seed: int  # the sampling seed used (pass it back to reproduce a sampled output)
+    # SamplingParams.prompt_logprobs: each prompt token's (logprob, top n), None for the first
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] = ()
 
 
 class LLM:
@@ -53,7 +55,7 @@ class LLM:
             )
             for p, sp in zip(prompts, params, strict=True)
         ]
-        seeds, tokens, texts = {}, {}, {}
+        seeds, tokens, texts, prompt_lps = {}, {}, {}, {}
         finish: dict[str, FinishReason] = {}
         pending = list(reversed(requests))
         while pending or self.engine.has_unfinished():
@@ -71,12 +73,15 @@ class LLM:
                 if ev.token_id is not None:
                     tokens[ev.request_id].append(ev.token_id)
                 texts[ev.request_id].append(ev.text)
+                if ev.prompt_logprobs:
+                    prompt_lps[ev.request_id] = ev.prompt_logprobs
                 if ev.finish_reason is not None:
                     finish[ev.request_id] = ev.finish_reason
                 if on_token is not None:
                     on_token(ev)
         return [
             GenerationOutput(r.request_id, r.prompt_token_ids, "".join(texts[r.request_id]),
-                             tokens[r.request_id], finish[r.request_id], seeds[r.request_id])
+                             tokens[r.request_id], finish[r.request_id], seeds[r.request_id],
+                             prompt_lps.get(r.request_id, ()))
             for r in requests
         ]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from ecserve.engine.sequence import Sequence
-from ecserve.types import FinishReason, TokenEvent
-
-Logprobs = tuple[float, tuple[tuple[int, float], ...]]  # (the token's, top n (id, logprob))
+from ecserve.types import FinishReason, TokenEvent, TokenLogprobs
 
 
 def finish_reason(seq: Sequence, token_id: int, eos_token_id: int | None) -> FinishReason | None:
@@ -22,7 +20,7 @@ def finish_reason(seq: Sequence, token_id: int, eos_token_id: int | None) -> Fin
 
 
 def append_token(
-    seq: Sequence, token_id: int, eos_token_id: int | None, logprobs: Logprobs | None = None
+    seq: Sequence, token_id: int, eos_token_id: int | None, logprobs: TokenLogprobs | None = None
 ) -> TokenEvent:
     """Record a sampled token on its sequence and describe it as an event."""
     seq.token_ids.append(token_id)
@@ -38,8 +36,11 @@ def append_token(
         text += seq.stops.flush()
     seq.finish_reason = reason
     lp, top = logprobs if logprobs is not None else (None, ())
+    prompt = ()
+    if seq.prompt_logprobs is not None and seq.num_generated == 1:  # the first event has them
+        prompt = tuple(seq.prompt_logprobs)
     return TokenEvent(seq.request_id, token_id, text, seq.num_generated - 1, reason,
-                      logprob=lp, top_logprobs=top, detail=stop or "")
+                      logprob=lp, top_logprobs=top, detail=stop or "", prompt_logprobs=prompt)
 
 
 def end_without_token(seq: Sequence, reason: FinishReason, detail: str = "") -> TokenEvent:

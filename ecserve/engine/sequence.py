@@ -9,7 +9,7 @@ import torch
 
 from ecserve.engine.stop import StopMatcher
 from ecserve.tokenizer import IncrementalDetokenizer
-from ecserve.types import FinishReason, Request
+from ecserve.types import FinishReason, Request, TokenLogprobs
 
 
 class SeqStatus(enum.Enum):
@@ -37,10 +37,14 @@ class Sequence:
     block_table: tuple[int, ...] = ()  # reserved once at admission, never grows
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
+    # prompt_logprobs asked: each prompt token's so far (None for the first); else None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
+        if self.request.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def request_id(self) -> str:

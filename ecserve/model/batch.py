@@ -47,7 +47,9 @@ class ForwardBatch:
     attention: tuple[AttentionRuns, ...]  # every run, in one bucket each
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [N, head_dim] (None: relative)
     group_bounds: tuple[int, ...]  # routing groups are tokens [b[i], b[i+1])
-    logits_index: torch.Tensor  # int64 [M]: tokens whose next-token logits are needed
+    # int64 [M]: tokens whose next-token logits are needed: each sampling run's last token, in
+    # plan order, then the prompt tokens scored (ScheduledChunk.score_prompt), in plan order
+    logits_index: torch.Tensor
     time_experts: bool = False  # also time each expert's work alone (sampled expert metrics)
     # No shape may follow the data (a CUDA graph holds the step): attention only through the
     # paged kernel, and token_choice's dropless layout at its widest (every group's n slots).
@@ -94,7 +96,10 @@ class ForwardBatch:
             cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
             rope = (cos.to(device), sin.to(device))
         sample = [s for s, c in enumerate(chunks) if c.sample]
-        logits_index = (q_offsets + lens - 1)[sample]  # [M]: each sampling run's last token
+        logits_index = (q_offsets + lens - 1)[sample]  # each sampling run's last token
+        scored = [torch.arange(int(q_offsets[s]), int(q_offsets[s]) + c.num_scored)
+                  for s, c in enumerate(chunks) if c.num_scored]
+        logits_index = torch.cat([logits_index, *scored])  # [M]
         ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
         bounds = [0]
         for g in plan.group_sizes:

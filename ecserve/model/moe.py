@@ -13,7 +13,7 @@ from torch import nn
 
 from ecserve.config import ModelConfig
 from ecserve.model.layers import GLUFeedForward, activation_fn
-from ecserve.routing import route, token_choice
+from ecserve.routing import expert_choice_groups, route, threshold_choice, token_choice
 from ecserve.types import MoEStats
 
 
@@ -40,24 +40,50 @@ class MoELayer(nn.Module):
         # rank's experts and combine() dispatches the slots across ranks; None: all experts here.
         self.expert_parallel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                                        torch.Tensor] | None = None
+        # threshold policy: float32 [E], the calibrated theta_e (checkpoint tensor
+        # layers.N.moe.threshold, set by the loader); None when the checkpoint has none.
+        self.register_buffer("threshold", None, persistent=False)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Router probabilities, always in float32 (bf16 routers pick different tokens)."""
+        """Router probabilities, always in float32 (bf16 routers pick different tokens), also
+        under a training step's autocast."""
         bias = None if self.router_bias is None else self.router_bias.float()
-        return torch.softmax(F.linear(x.float(), self.router.float(), bias), dim=-1)  # [N, E]
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.softmax(F.linear(x.float(), self.router.float(), bias), dim=-1)  # [N, E]
 
     def route(
         self, x: torch.Tensor, group_bounds: Sequence[int], static_shapes: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's routing: idx [E, K] step-wide token positions (-1: empty slot) and gate
-        [E, K] float32, every group's slots side by side. static_shapes: K never follows the
-        data (token_choice takes its widest layout, K = N)."""
-        scores = self.scores(x)  # [N, E]
+        """The step's routing of x [N, d] (see route_scores)."""
+        return self.route_scores(self.scores(x), group_bounds, static_shapes)
+
+    def route_scores(
+        self, scores: torch.Tensor, group_bounds: Sequence[int], static_shapes: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's routing from router probabilities [N, E]: idx [E, K] step-wide token
+        positions (-1: empty slot) and gate [E, K] float32, every group's slots side by side.
+        static_shapes: K never follows the data (per-token policies take their widest layout,
+        K = N). The gates keep their autograd history."""
         cfg = self.routing
+        e = scores.shape[1]
+        # Per-token policies ignore the grouping: route the whole step at once (one dropless
+        # layout, less padding than one per group).
         if cfg.policy == "token_choice":
-            # Each token is routed on its own, so the grouping changes nothing: route the whole
-            # step at once (one dropless layout, less padding than one per group).
             return token_choice(scores, cfg.top_k, cfg.renormalize, static_shapes)
+        if cfg.policy == "threshold":
+            if self.threshold is None:
+                raise ValueError(f"layer {self.layer}: threshold routing needs the checkpoint's "
+                                 f"calibrated thresholds (layers.{self.layer}.moe.threshold)")
+            return threshold_choice(scores, self.threshold, cfg.experts_per_token_cap(e),
+                                    static_shapes)
+        sizes = {b - a for a, b in itertools.pairwise(group_bounds)}
+        if cfg.policy == "ec" and len(sizes) == 1:
+            # Equal groups (training steps, full decode steps): all of them in one sort.
+            (n,), g, start = sizes, len(group_bounds) - 1, group_bounds[0]
+            idx, gate = expert_choice_groups(scores[start:start + g * n].view(g, n, e),
+                                             cfg.capacity(n, e))  # [G, E, k]
+            idx = idx + (start + n * torch.arange(g, device=idx.device))[:, None, None]
+            return idx.transpose(0, 1).reshape(e, -1), gate.transpose(0, 1).reshape(e, -1)
         idx_parts, gate_parts = [], []
         for start, end in itertools.pairwise(group_bounds):
             r = route(scores[start:end], cfg)
@@ -71,16 +97,23 @@ class MoELayer(nn.Module):
     ) -> tuple[torch.Tensor, MoEStats]:
         # x: [N, d]; routing groups are the contiguous token ranges [b[i], b[i+1]).
         idx, gate = self.route(x, group_bounds, static_shapes)  # [E, K] each
+        y = self.apply_experts(x, idx, gate)  # [N, d]
+        stats = self._stats(idx, gate, x.shape[0], group_bounds)
+        if time_experts:
+            stats = dataclasses.replace(stats, expert_seconds=self.time_experts(x, idx))
+        return y, stats
+
+    def apply_experts(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor
+                      ) -> torch.Tensor:
+        """The layer's output for routed x [N, d]: the experts' combine plus the shared
+        expert, summed in float32, returned in x's dtype."""
         y = self.combine(x, idx, gate)  # [N, d] float32
         if self.shared is not None:
             shared = self.shared(x)  # [N, d]
             if self.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared  # [N, 1] * [N, d]
             y = y + shared.float()
-        stats = self._stats(idx, gate, x.shape[0], group_bounds)
-        if time_experts:
-            stats = dataclasses.replace(stats, expert_seconds=self.time_experts(x, idx))
-        return y.to(x.dtype), stats
+        return y.to(x.dtype)
 
     def combine(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """y_t = sum of gate * FFN_e(x_t) over slots holding t, in float32, by ascending expert."""

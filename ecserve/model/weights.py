@@ -80,6 +80,37 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
+def threshold_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The `threshold` policy's calibrated theta_e (float32 [E] per MoE layer): optional, but all
+    or none, and required by that policy."""
+    return {f"layers.{i}.moe.threshold": (cfg.num_experts,) for i in cfg.moe_layers or ()}
+
+
+def threshold_problems(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """What is wrong with the thresholds `state` holds for this config (none is fine unless the
+    policy is threshold)."""
+    names = threshold_tensors(cfg)
+    present = sorted(n for n in names if n in state)
+    if not present:
+        if cfg.routing.policy != "threshold":
+            return []
+        return [f"routing.policy 'threshold' needs the calibrated per-expert thresholds "
+                f"{', '.join(names)} (written by `ecserve train`), which this checkpoint has not"]
+    if len(present) != len(names):
+        return [f"thresholds for some MoE layers only: has {', '.join(present)}, needs "
+                f"{', '.join(names)}"]
+    problems = []
+    for name in present:
+        t = state[name]
+        if tuple(t.shape) != names[name] or t.dtype != torch.float32:
+            problems.append(f"{name}: {t.dtype} {list(t.shape)}, expected float32 "
+                            f"{list(names[name])}")
+        elif not bool(((t >= 0) & (t <= 1)).all()):  # also refuses NaN
+            problems.append(f"{name}: thresholds must be router probabilities in [0, 1], got "
+                            f"{t.tolist()}")
+    return problems
+
+
 def _open(path: Path):
     """safe_open, with a corrupt or truncated file reported as a CheckpointError naming it."""
     try:
@@ -146,16 +177,17 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig,
         return state
     files = _tensor_files(model_dir)
     expected = expected_tensors(cfg)
+    optional = threshold_tensors(cfg)
     problems = []
     missing = sorted(set(expected) - set(files))
     if missing:
         problems.append(f"missing tensor(s): {', '.join(missing)}")
-    unexpected = sorted(set(files) - set(expected))
+    unexpected = sorted(set(files) - set(expected) - set(optional))
     if unexpected:
         problems.append(f"unexpected tensor(s): {', '.join(unexpected)}")
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
-    for name in expected.keys() & files.keys():
+    for name in (expected.keys() | optional.keys()) & files.keys():
         by_file.setdefault(files[name], []).append(name)
     for path, names in by_file.items():
         with _open(path) as f:
@@ -173,10 +205,14 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig,
                     t = _read_rows(f, name, rows[name])
                 else:
                     t = f.get_tensor(name)
+                if name in optional:
+                    state[name] = t  # checked with the others below
+                    continue
                 problem = tensor_problem(name, t, None if name in rows else expected[name])
                 if problem is not None:
                     problems.append(problem)
                 state[name] = t
+    problems += threshold_problems(cfg, state)
     if problems:
         raise CheckpointError(f"{model_dir}: " + "; ".join(problems))
     return state
@@ -212,17 +248,29 @@ def load_model(
         shape = tuple(state[name].shape)
         with torch.device("meta"):
             setattr(module, attr, torch.nn.Parameter(torch.empty(shape), requires_grad=False))
+    thresholds = {k: state.pop(k) for k in threshold_tensors(cfg) if k in state}
+    if cfg.model_type != "ecserve":  # no thresholds in a Hugging Face checkpoint
+        problems = threshold_problems(cfg, thresholds)
+        if problems:
+            raise CheckpointError(f"{model_dir}: " + "; ".join(problems))
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    for name, t in thresholds.items():  # routing data, not weights: float32 whatever the dtype
+        model.get_submodule(name.rpartition(".")[0]).threshold = t.to(device)
     return model.eval().requires_grad_(False)
 
 
 def save_model(
-    model_dir: str | os.PathLike, cfg: ModelConfig, state: dict[str, torch.Tensor]
+    model_dir: str | os.PathLike, cfg: ModelConfig, state: dict[str, torch.Tensor],
+    storage_dtype: str | None = None,
 ) -> None:
-    """Write config.json and model.safetensors (the whole model in one file)."""
+    """Write config.json and model.safetensors (the whole model in one file), the weights in
+    storage_dtype (default: the config's; loading converts to the run's dtype) and the
+    thresholds, if any, in float32."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tensors = {k: v.detach().to(TORCH_DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
+    dtype, routing = TORCH_DTYPES[storage_dtype or cfg.dtype], threshold_tensors(cfg)
+    tensors = {k: v.detach().to(torch.float32 if k in routing else dtype).contiguous()
+               for k, v in state.items()}
     save_file(tensors, model_dir / WEIGHTS_FILE, metadata={"format": "pt"})

@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from ecserve.client import ROUTING_SCOPES
 from ecserve.config import ServerConfig
 from ecserve.server.wire import bad_utf8_field
-from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent
+from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent, TokenLogprobs
 from ecserve.v1 import generation_pb2 as pb
 
 
@@ -45,6 +45,7 @@ _PROTO_NAMES = {
     "top_p": "sampling.top_p",
     "seed": "sampling.seed",
     "logprobs": "response.top_logprobs",
+    "prompt_logprobs": "response.prompt_top_logprobs",
     "routing_scope": "routing_scope",
 }
 
@@ -107,11 +108,13 @@ def to_request(
             raise InvalidArgument(
                 f"stopping.stop_sequences[{i}]: {len(s)} characters, the server takes at most "
                 f"{cfg.max_stop_sequence_length}")
-    if resp.top_logprobs > cfg.max_top_logprobs:
-        raise InvalidArgument(f"response.top_logprobs: {resp.top_logprobs} asked, the server "
-                              f"gives at most {cfg.max_top_logprobs}")
-    if resp.top_logprobs and not resp.logprobs:
-        raise InvalidArgument("response.top_logprobs: needs response.logprobs")
+    for top, flag in (("top_logprobs", "logprobs"),
+                      ("prompt_top_logprobs", "prompt_logprobs")):
+        if getattr(resp, top) > cfg.max_top_logprobs:
+            raise InvalidArgument(f"response.{top}: {getattr(resp, top)} asked, the server "
+                                  f"gives at most {cfg.max_top_logprobs}")
+        if getattr(resp, top) and not getattr(resp, flag):
+            raise InvalidArgument(f"response.{top}: needs response.{flag}")
     if msg.routing_scope not in SCOPES:
         raise InvalidArgument(f"routing_scope: unknown value {msg.routing_scope}")
     if not math.isfinite(sa.temperature):  # SamplingParams names only its bounds
@@ -132,6 +135,7 @@ def to_request(
             ignore_eos=st.ignore_eos,
             time_limit=st.time_limit_ms / 1000 if st.time_limit_ms else None,
             logprobs=resp.top_logprobs if resp.logprobs else None,
+            prompt_logprobs=resp.prompt_top_logprobs if resp.prompt_logprobs else None,
         )
     except ValueError as e:
         raise InvalidArgument(proto_message(str(e), False)) from e
@@ -160,11 +164,16 @@ class ResponseBuilder:
             request_id=self.request.request_id,
         )
         for e in events:
+            if e.prompt_logprobs:
+                ids = self.request.prompt_token_ids
+                out.prompt_tokens.extend(self._token(i, lp) for i, lp in
+                                         zip(ids, e.prompt_logprobs, strict=True))
             if e.token_id is None:
                 continue
             self.generated += 1
             if self.with_tokens:
-                out.tokens.append(self._token(e))
+                out.tokens.append(self._token(e.token_id, (e.logprob, e.top_logprobs)
+                                              if e.logprob is not None else None))
         out.generated_token_count = self.generated
         last = events[-1] if events else None
         if last is not None and last.finish_reason is not None:
@@ -174,11 +183,10 @@ class ResponseBuilder:
                 out.stop_sequence = last.detail
         return out
 
-    def _token(self, e: TokenEvent) -> pb.Token:
-        assert e.token_id is not None
-        tok = pb.Token(id=e.token_id, text=self.decode([e.token_id]))
-        if e.logprob is not None:
-            tok.logprob = e.logprob
+    def _token(self, token_id: int, logprobs: TokenLogprobs | None) -> pb.Token:
+        tok = pb.Token(id=token_id, text=self.decode([token_id]))
+        if logprobs is not None:
+            tok.logprob = logprobs[0]
             tok.top_logprobs.extend(pb.TopLogprob(id=i, text=self.decode([i]), logprob=lp)
-                                    for i, lp in e.top_logprobs)
+                                    for i, lp in logprobs[1])
         return tok
