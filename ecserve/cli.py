@@ -154,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
                           "cross-device traffic")
     _plan_args(plan)
 
+    tr = sub.add_parser("train", help="train an expert-choice model on the Python stdlib "
+                        "(the default model's recipe) and write its model directory",
+                        description="The whole recipe: corpus, tokenizer, training (resumable: "
+                        "rerun the same command), export with a model card.")
+    from ecserve.train.command import add_arguments as train_arguments  # light: no torch
+
+    train_arguments(tr)
+
     init = sub.add_parser("init-model", help="write the default model's directory to DIR")
     init.add_argument("dir")
     init.add_argument("--seed", type=int, help="weight seed (default: the embedded model's)")
@@ -289,6 +297,12 @@ def _top(args: argparse.Namespace) -> int:
         return 1
 
 
+def _train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from ecserve.train.recipe import run
+
+    return run(args, list(argv))
+
+
 def _plan(args: argparse.Namespace) -> int:
     from ecserve.placement.command import run
 
@@ -304,10 +318,11 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     import grpc
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     commands = {"generate": _generate, "serve": _serve, "client": _client, "health": _health,
                 "init-model": _init_model, "top": _top, "bench": _bench,
-                "plan": _plan}
+                "plan": _plan, "train": lambda a: _train(a, argv)}
     try:
         return commands[args.command](args)
     except grpc.RpcError as e:

@@ -164,7 +164,7 @@ def test_cli_report_and_met_targets(server, capsys):
         assert label in out
     assert "Total input tokens:                      48" in out
     assert out.count("PASS") == 3 and "FAIL" not in out
-    assert "bench [" in err  # --progress draws the bar even though stderr is no terminal
+    assert "bench: 100%" in err  # --progress draws the bar even though stderr is no terminal
 
 
 def test_cli_missed_target_exits_3(server, capsys, tmp_path):
