@@ -119,11 +119,29 @@ def model_card(cfg: ModelConfig, r: dict[str, Any]) -> str:
     """The model directory's README.md."""
     c, t, h, p = r["corpus"], r["train"], r["held_out"], r["parameters"]
     hours = r["train_seconds"] / 3600
-    moe = (f"{len(cfg.moe_layers or ())} of them expert-choice MoE layers "
+    kind, layer_kind, grouping = {
+        "ec": ("expert-choice", "expert-choice",
+               f"under the training grouping (`ec` routing, groups of {t['group_size']} tokens "
+               f"at one position of\n{t['group_size']} sequences)"),
+        "top2": ("token-choice top-2 MoE", "token-choice top-2",
+                 "under top-2 token-choice routing, as trained"),
+        "dense": ("dense", "", "as trained"),
+    }[r["preset"]]
+    routing = {
+        "ec": f"- Served routing: `{cfg.routing.policy}` (routing.group_size "
+              f"{cfg.routing.group_size}); the\n  `threshold` policy's per-expert thresholds "
+              "are stored (`layers.N.moe.threshold`).\n",
+        "top2": "- Routing: `token_choice`, top-2, renormalised (trained with a load-balancing "
+                "loss).\n",
+        "dense": "",
+    }[r["preset"]]
+    stored = (f"- Weights stored in {r['storage_dtype']}, run in {cfg.dtype} unless `--dtype` "
+              "says otherwise.")
+    moe = (f"{len(cfg.moe_layers or ())} of them {layer_kind} MoE layers "
            f"(blocks {', '.join(map(str, cfg.moe_layers or ()))}) of {cfg.num_experts} GLU "
            f"experts of hidden width {cfg.expert_ffn_hidden_size}, capacity factor "
            f"{cfg.routing.capacity_factor:g}" if cfg.moe_layers else "all dense")
-    return f"""# ecserve-code ({r['preset']}): a small expert-choice language model of Python code
+    return f"""# ecserve-code ({r['preset']}): a small {kind} language model of Python code
 
 A {p['total'] / 1e6:.1f}M-parameter decoder ({p['active_per_token'] / 1e6:.1f}M used per token)
 trained from scratch by ecserve's own recipe on CPython's standard library. It writes
@@ -133,8 +151,7 @@ not an assistant.
 ## Held-out loss
 
 On the validation split ({h['tokens']:,} tokens, {h['bytes']:,} bytes of held-out files),
-under the training grouping (`ec` routing, groups of {t['group_size']} tokens at one position of
-{t['group_size']} sequences), with the stored weights run in float32:
+{grouping}, with the stored weights run in float32:
 
 | nats per token | bits per byte |
 |---|---|
@@ -162,9 +179,7 @@ Licence of the data: {c['licence']}.
 - {cfg.num_layers} blocks of width {cfg.hidden_size}, {cfg.num_heads} query heads and
   {cfg.num_kv_heads} key/value heads, RoPE, RMSNorm, SwiGLU; {moe}.
   Context {cfg.max_position_embeddings} tokens. Tied embeddings.
-- Served routing: `{cfg.routing.policy}` (routing.group_size {cfg.routing.group_size}); the
-  `threshold` policy's per-expert thresholds are stored (`layers.N.moe.threshold`).
-- Weights stored in {r['storage_dtype']}, run in {cfg.dtype} unless `--dtype` says otherwise.
+{routing}{stored}
 
 ## Training
 
