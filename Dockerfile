@@ -44,10 +44,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 WORKDIR /src
 COPY . .
-# Bake the embedded default model in, so a container starts without writing to a cache.
+# The default (trained) model ships inside the package, readable by every user.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install . \
-    && ecserve init-model /opt/ecserve/default-model
+    pip install .
 
 
 FROM ${BASE_IMAGE}
@@ -62,12 +61,10 @@ RUN if ! command -v python3 >/dev/null; then \
     && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin ecserve
 
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /opt/ecserve/default-model /opt/ecserve/default-model
 
-# Override the model by mounting a directory and setting ECSERVE_MODEL, or with --model.
+# Serve another model by mounting its directory and setting ECSERVE_MODEL, or with --model.
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    ECSERVE_MODEL=/opt/ecserve/default-model
+    PYTHONUNBUFFERED=1
 
 LABEL org.opencontainers.image.title="ecserve" \
       org.opencontainers.image.description="gRPC inference server for expert-choice MoE models" \

@@ -1,5 +1,5 @@
 """What the sampled per-expert latency metric costs: engine throughput with expert timing off,
-every 64th step (the default) and every step, on the embedded default model.
+every 64th step (the default) and every step, on the default model.
 
     python bench/bench_expert_timing.py [--json PATH] [--reps 7]
 

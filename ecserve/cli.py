@@ -15,7 +15,7 @@ from ecserve.config import DTYPES, POLICIES, SCOPES, ConfigError, EngineConfig, 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     """Flags mirroring EngineConfig (same names, dashed); unset flags keep its defaults."""
-    p.add_argument("--model", help="model directory (default: the embedded default model)")
+    p.add_argument("--model", help="model directory (default: the shipped model, ecserve-code)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--dtype", choices=DTYPES,
                    help="override the checkpoint's dtype")
@@ -162,15 +162,19 @@ def _parser() -> argparse.ArgumentParser:
 
     train_arguments(tr)
 
-    init = sub.add_parser("init-model", help="write the default model's directory to DIR")
+    init = sub.add_parser("init-model", help="copy the default (trained) model's directory to "
+                          "DIR; --random: a model of seeded random weights instead")
     init.add_argument("dir")
-    init.add_argument("--seed", type=int, help="weight seed (default: the embedded model's)")
+    init.add_argument("--random", action="store_true",
+                      help="write a small model of random weights from a fixed seed (byte "
+                           "tokenizer; the same bytes on every machine), for tests")
+    init.add_argument("--seed", type=int, help="with --random: the weight seed (2022)")
     return parser
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     """`ecserve plan` (ecserve/placement/command.py); kept here so the parser needs no torch."""
-    p.add_argument("--model", help="model directory (default: the embedded default model)")
+    p.add_argument("--model", help="model directory (default: the shipped model, ecserve-code)")
     p.add_argument("--devices", type=int, help="devices to place the experts on")
     p.add_argument("--device-memory",
                    help="weight memory per device, e.g. 80GiB, 512MiB, 1e9 (default: unlimited)")
@@ -279,9 +283,14 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _init_model(args: argparse.Namespace) -> int:
-    from ecserve.model.default import DEFAULT_SEED, write_model
+    from ecserve.model.default import RANDOM_SEED, copy_default_model, write_model
 
-    path = write_model(args.dir, seed=DEFAULT_SEED if args.seed is None else args.seed)
+    if args.random:
+        path = write_model(args.dir, seed=RANDOM_SEED if args.seed is None else args.seed)
+    elif args.seed is not None:
+        raise ValueError("--seed chooses random weights: it needs --random")
+    else:
+        path = copy_default_model(args.dir)
     print(f"wrote {path}")
     return 0
 

@@ -1,5 +1,6 @@
 """The `ecserve` command: `init-model` and `generate`, run as `python -m ecserve`, plus a few
-cases through `ecserve.cli.main` in-process (no interpreter start-up)."""
+cases through `ecserve.cli.main` in-process (no interpreter start-up). The seeded random model
+keeps these fast; test_default_model.py has the shipped one."""
 
 from __future__ import annotations
 
@@ -14,26 +15,21 @@ import torch
 from ecserve.cli import main
 from ecserve.config import EngineConfig
 from ecserve.engine.llm import LLM
-from ecserve.model.default import DEFAULT_CONFIG, init_weights, write_model
+from ecserve.model.default import RANDOM_CONFIG, default_model_dir, init_weights, write_model
 from ecserve.model.weights import load_state_dict, read_config
 from ecserve.types import SamplingParams
 
 
-def ecserve(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ECSERVE_CACHE_DIR": str(cache), "PYTHONIOENCODING": "utf-8"}
+def ecserve(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     return subprocess.run([sys.executable, "-m", "ecserve", *args], capture_output=True,
                           encoding="utf-8", env=env, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def init_run(tmp_path_factory, cache) -> tuple[Path, subprocess.CompletedProcess]:
+def init_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     model = tmp_path_factory.mktemp("cli") / "model"
-    return model, ecserve("init-model", str(model), cache=cache)
+    return model, ecserve("init-model", str(model), "--random")
 
 
 @pytest.fixture(scope="module")
@@ -49,26 +45,25 @@ def llm(model_dir) -> LLM:
     return LLM(model_dir, EngineConfig(device="cpu"))
 
 
-def test_init_model_writes_the_default_model(init_run, cache):
+def test_init_model_random_writes_the_seeded_model(init_run):
     model, res = init_run
     assert res.returncode == 0, res.stderr
     assert res.stdout == f"wrote {model}\n"
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
-    assert read_config(model) == DEFAULT_CONFIG
-    assert not (cache / "models").exists()  # init-model does not touch the cache
+    assert read_config(model) == RANDOM_CONFIG
 
 
 def test_init_model_seed_in_process(tmp_path, capsys):
-    assert main(["init-model", str(tmp_path / "m"), "--seed", "5"]) == 0
+    assert main(["init-model", str(tmp_path / "m"), "--random", "--seed", "5"]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'm'}\n"
-    state = load_state_dict(tmp_path / "m", DEFAULT_CONFIG)
-    expected = init_weights(DEFAULT_CONFIG, 5)
+    state = load_state_dict(tmp_path / "m", RANDOM_CONFIG)
+    expected = init_weights(RANDOM_CONFIG, 5)
     assert all(torch.equal(state[n], expected[n]) for n in expected)
 
 
-def test_generate_greedy(model_dir, cache, llm):
+def test_generate_greedy(model_dir, llm):
     res = ecserve("generate", "--model", str(model_dir), "hello", "--max-new-tokens", "5",
-                  "--device", "cpu", cache=cache)
+                  "--device", "cpu")
     assert res.returncode == 0, res.stderr
     (expected,) = llm.generate("hello", SamplingParams(max_new_tokens=5))
     assert len(expected.token_ids) == 5
@@ -77,12 +72,12 @@ def test_generate_greedy(model_dir, cache, llm):
     assert "Traceback" not in res.stderr
 
 
-def test_generate_with_a_seed_is_reproducible(model_dir, cache, llm):
+def test_generate_with_a_seed_is_reproducible(model_dir, llm):
     # temperature 5: the default model's distributions are so peaked that at 1.0 every seed
     # gives the same tokens, and the test could not tell a seed from no seed.
     args = ("generate", "--model", str(model_dir), "hello", "--max-new-tokens", "12",
             "--temperature", "5.0", "--seed", "3", "--device", "cpu")
-    runs = [ecserve(*args, cache=cache) for _ in range(2)]
+    runs = [ecserve(*args) for _ in range(2)]
     for r in runs:
         assert r.returncode == 0, r.stderr
         assert "[12 tokens, finish: length, seed: 3]" in r.stderr
@@ -93,14 +88,13 @@ def test_generate_with_a_seed_is_reproducible(model_dir, cache, llm):
     assert other.token_ids != same.token_ids  # the seed matters at this temperature
 
 
-def test_generate_missing_model_dir(cache, tmp_path):
+def test_generate_missing_model_dir(tmp_path):
     missing = tmp_path / "nonexistent"
-    res = ecserve("generate", "--model", str(missing), "x", cache=cache)
+    res = ecserve("generate", "--model", str(missing), "x")
     assert res.returncode == 2
     assert res.stderr.startswith("ecserve: error: ")
     assert str(missing / "config.json") in res.stderr and "no such file" in res.stderr
-    assert "Traceback" not in res.stderr and res.stdout == ""
-    assert not (cache / "models").exists()  # no fallback to the default model
+    assert "Traceback" not in res.stderr and res.stdout == ""  # no fallback to the default
 
 
 def test_generate_past_the_context_in_process(model_dir, capsys):
@@ -148,6 +142,21 @@ def test_init_model_output_equals_write_model(model_dir, tmp_path):
     ref = write_model(tmp_path / "ref")
     for f in ("config.json", "model.safetensors"):
         assert (model_dir / f).read_bytes() == (ref / f).read_bytes(), f
+
+
+def test_init_model_copies_the_shipped_model_readable_by_all(tmp_path, capsys):
+    assert main(["init-model", str(tmp_path / "m")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'm'}\n"
+    shipped = default_model_dir()
+    names = sorted(p.name for p in shipped.iterdir() if p.is_file())
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == names
+    for name in names:
+        copy = tmp_path / "m" / name
+        assert copy.read_bytes() == (shipped / name).read_bytes(), name
+        assert copy.stat().st_mode & 0o444 == 0o444, name  # a container's other uid reads it
+    assert main(["init-model", str(tmp_path / "m")]) == 2  # never over an existing directory
+    assert main(["init-model", str(tmp_path / "n"), "--seed", "3"]) == 2
+    assert "--seed chooses random weights: it needs --random" in capsys.readouterr().err
 
 
 def test_init_model_onto_a_file_is_an_error(tmp_path, capsys):

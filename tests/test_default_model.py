@@ -1,4 +1,5 @@
-"""The embedded default model: deterministic random weights, written once into the cache."""
+"""The default model: the shipped trained model, complete and consistent with its card; and the
+seeded random model (`init-model --random`): deterministic weights."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from ecserve.config import ModelConfig
+from ecserve.config import EngineConfig, ModelConfig
 from ecserve.model import default
 from ecserve.model.weights import expected_tensors, load_model, load_state_dict, read_config
+from ecserve.train import bpe, recipe
 
-CFG = default.DEFAULT_CONFIG
+CFG = default.RANDOM_CONFIG
 TINY = ModelConfig.from_dict(tiny_config())
 
 
-def test_default_config_matches_the_byte_tokenizer():
+def test_random_config_matches_the_byte_tokenizer():
     assert CFG.tokenizer == "byte" and CFG.vocab_size == 258
     assert (CFG.bos_token_id, CFG.eos_token_id) == (256, 257)
     assert CFG.moe_layers == (1, 3)
@@ -64,11 +66,11 @@ def test_write_model_writes_a_loadable_directory(tmp_path):
     assert all(torch.equal(t, expected[n]) for n, t in model.state_dict().items())
 
 
-def test_write_model_defaults_to_the_embedded_model(tmp_path):
+def test_write_model_defaults_to_the_random_model(tmp_path):
     d = default.write_model(tmp_path / "m")
     assert read_config(d) == CFG
     state = load_state_dict(d, CFG)
-    expected = default.init_weights(CFG, default.DEFAULT_SEED)
+    expected = default.init_weights(CFG, default.RANDOM_SEED)
     assert all(torch.equal(state[n], expected[n]) for n in expected)
 
 
@@ -82,37 +84,36 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
 
 
-def test_default_model_dir_is_written_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("ECSERVE_CACHE_DIR", str(tmp_path))
-    first = default.default_model_dir()
-    assert first.parent == tmp_path / "models" and first.name.startswith("default-")
-    assert read_config(first) == CFG
-    weights = first / "model.safetensors"
-    stat = weights.stat()
-
-    def no_rewrite(*args, **kwargs):
-        raise AssertionError("default model written a second time")
-
-    monkeypatch.setattr(default, "write_model", no_rewrite)
-    assert default.default_model_dir() == first
-    after = weights.stat()
-    assert (after.st_mtime_ns, after.st_ino) == (stat.st_mtime_ns, stat.st_ino)
-    # the temporary directory it was written into is gone
-    assert [p.name for p in (tmp_path / "models").iterdir()] == [first.name]
-
-
-def test_default_model_dir_is_the_embedded_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("ECSERVE_CACHE_DIR", str(tmp_path))
+def test_the_shipped_model_is_complete_and_matches_its_card():
     d = default.default_model_dir()
-    ref = default.write_model(tmp_path / "ref")
-    for f in ("config.json", "model.safetensors"):
-        assert (d / f).read_bytes() == (ref / f).read_bytes(), f
-    assert json.loads((d / "config.json").read_text())["vocab_size"] == 258
+    assert d == default.PACKAGED
+    cfg = read_config(d)
+    record = json.loads((d / "training.json").read_text())
+    # The recipe's own config, served with its default policy.
+    want = recipe.model_config("ec", record["tokenizer"]["vocab_size"],
+                               record["train"]["seq_len"], record["train"]["group_size"],
+                               serving=True)
+    assert cfg == want and cfg.routing.policy == recipe.SERVING_POLICY
+    assert bpe.file_sha256(d / "tokenizer.json") == record["tokenizer"]["sha256"]
+    card = (d / "README.md").read_text()
+    for figure in (f"| {record['held_out']['nats_per_token']:.4f} |",
+                   record["corpus"]["sha256"]["train"], record["recipe"]):
+        assert figure in card
+    assert (d / "model.safetensors").stat().st_size < 32 * 2**20
+    state = load_state_dict(d, cfg)
+    for layer in cfg.moe_layers:
+        theta = state[f"layers.{layer}.moe.threshold"]
+        assert theta.dtype == torch.float32 and bool(((theta > 0) & (theta < 1)).all())
+        assert theta.tolist() == pytest.approx(record["thresholds"]["calibrated"][str(layer)])
+    assert state["embed"].dtype == torch.bfloat16
 
 
-def test_cache_root_falls_back_to_xdg_cache_home(tmp_path, monkeypatch):
-    monkeypatch.delenv("ECSERVE_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default.cache_root() == tmp_path / "xdg" / "ecserve"
-    monkeypatch.setenv("ECSERVE_CACHE_DIR", str(tmp_path / "mine"))
-    assert default.cache_root() == tmp_path / "mine"
+@pytest.mark.slow
+def test_the_shipped_model_writes_python():
+    from ecserve.engine.llm import LLM
+    from ecserve.types import SamplingParams
+
+    llm = LLM(config=EngineConfig(device="cpu"))
+    (out,) = llm.generate(["def read_file(path):"], SamplingParams(max_new_tokens=48))
+    text = "def read_file(path):" + out.text
+    assert "\n    " in text and "return" in text, text  # an indented body that returns

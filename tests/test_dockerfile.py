@@ -83,17 +83,19 @@ def test_base_image_and_torch_index_are_build_args():
     assert any(k == "RUN" and '--index-url "${TORCH_INDEX_URL}"' in a for k, a in ins)
 
 
-def test_final_stage_runs_as_non_root_with_the_baked_model():
+def test_final_stage_runs_as_non_root_with_the_packaged_model():
     final = _final_stage()
     users = [a for k, a in final if k == "USER"]
     assert users, "the final stage sets no USER: it would run as root"
     user = users[-1].split(":")[0]
     assert user not in {"root", "0"}, users[-1]
-    ins = _instructions()
-    assert any(k == "RUN" and "ecserve init-model /opt/ecserve/default-model" in a
-               for k, a in ins)
+    # The default model is package data in the venv the final stage copies (no separate copy,
+    # no ECSERVE_MODEL pointing elsewhere); .dockerignore must not drop it from the context.
+    assert any(k == "COPY" and "/opt/venv /opt/venv" in a for k, a in final)
     envs = " ".join(a for k, a in final if k == "ENV")
-    assert "ECSERVE_MODEL=/opt/ecserve/default-model" in envs
+    assert "ECSERVE_MODEL=" not in envs
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not any(p.strip("/*") in ("ecserve", "ecserve/default_model") for p in ignored)
 
 
 def test_ports_healthcheck_and_stop_signal():

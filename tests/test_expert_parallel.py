@@ -191,7 +191,7 @@ def test_a_lost_worker_fails_fast_and_the_server_exits_1(make_model, tmp_path, b
     model = make_model()
     port = free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "ECSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--host",
            "127.0.0.1", "--port", str(port), "--no-metrics", "--device", "cpu", "--dtype",
@@ -258,7 +258,7 @@ def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp
         tmp_path / "plan.json")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "ECSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "serve.log"
     metrics_port = free_port()
     serve_args = ["serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),

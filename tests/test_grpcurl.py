@@ -1,4 +1,4 @@
-"""The README's walkthrough: `ecserve serve` on the embedded model, then grpcurl through
+"""The README's walkthrough: `ecserve serve` on the default model, then grpcurl through
 reflection lists and describes the API, reads health, streams a generation, and gets
 INVALID_ARGUMENT naming the field for a bad request."""
 
@@ -62,7 +62,8 @@ def test_health_and_a_streamed_generation(address):
     health = grpcurl(address, HEALTH, data='{"service": ""}')
     assert json.loads(health.stdout) == {"status": "SERVING"}
     out = grpcurl(address, "ecserve.v1.GenerationService/GenerateStream",
-                  data='{"prompt": "Hello", "stopping": {"max_new_tokens": 4}}')
+                  data='{"prompt": "def main():", '
+                       '"stopping": {"max_new_tokens": 4, "ignore_eos": true}}')
     assert out.returncode == 0, out.stderr
     messages = [json.loads(m) for m in out.stdout.replace("}\n{", "}\x00{").split("\x00")]
     assert len(messages) == 4

@@ -242,7 +242,7 @@ def test_sigterm_drains_the_server_process(make_model, tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
     grace = 20
-    env = {**os.environ, "ECSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

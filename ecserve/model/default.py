@@ -1,17 +1,18 @@
-"""The embedded default model: a small expert-choice model made from a fixed seed.
+"""The default model, and a seeded random model for tests.
 
-Its weights are random (the text is noise until a trained default ships), but deterministic:
-the same seed gives the same bytes on every machine, so outputs are reproducible.
+With no `--model`, ecserve serves ecserve-code: a small expert-choice model of Python code,
+trained by `ecserve train` and shipped inside the package (ecserve/default_model/; its model
+card is the README.md there). `ecserve init-model DIR` copies it; `--random` writes instead a
+model of random weights made from a fixed seed (byte tokenizer, 4 layers): the same bytes on
+every machine, for tests that need a model but not a trained one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 
 import torch
@@ -19,8 +20,9 @@ import torch
 from ecserve.config import ModelConfig, RoutingConfig
 from ecserve.model.weights import CONFIG_FILE, expected_tensors, save_model
 
-DEFAULT_SEED = 2022
-DEFAULT_CONFIG = ModelConfig(
+PACKAGED = Path(__file__).resolve().parent.parent / "default_model"
+RANDOM_SEED = 2022
+RANDOM_CONFIG = ModelConfig(
     vocab_size=258,  # the built-in byte tokenizer: 256 bytes, <bos>, <eos>
     hidden_size=256,
     num_layers=4,
@@ -59,34 +61,25 @@ def init_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_model(model_dir: str | os.PathLike, cfg: ModelConfig = DEFAULT_CONFIG,
-                seed: int = DEFAULT_SEED) -> Path:
-    """`ecserve init-model DIR`: write a complete model directory."""
+def write_model(model_dir: str | os.PathLike, cfg: ModelConfig = RANDOM_CONFIG,
+                seed: int = RANDOM_SEED) -> Path:
+    """`ecserve init-model --random DIR`: write a complete model directory of random weights."""
     save_model(model_dir, cfg, init_weights(cfg, seed))
     return Path(model_dir)
 
 
-def cache_root() -> Path:
-    if env := os.environ.get("ECSERVE_CACHE_DIR"):
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecserve"
-
-
 def default_model_dir() -> Path:
-    """The default model in the user's cache, written on first use (atomically)."""
-    key = json.dumps([DEFAULT_CONFIG.to_dict(), DEFAULT_SEED], sort_keys=True)
-    target = cache_root() / "models" / f"default-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (target / CONFIG_FILE).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".default-", dir=target.parent))
-    try:
-        write_model(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / CONFIG_FILE).is_file():  # not a concurrent writer winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """The shipped trained model's directory (inside the installed package; read only)."""
+    if not (PACKAGED / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{PACKAGED}: the default model is missing from this install; "
+                                "reinstall ecserve, or give a model directory (--model)")
+    return PACKAGED
+
+
+def copy_default_model(model_dir: str | os.PathLike) -> Path:
+    """`ecserve init-model DIR`: a copy of the shipped model, readable by every user."""
+    target = Path(model_dir)
+    shutil.copytree(default_model_dir(), target, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in target.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     return target
