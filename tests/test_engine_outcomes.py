@@ -29,12 +29,26 @@ def run(engine: Engine) -> dict[str, list]:
     return events
 
 
+class Finished:
+    """An engine observer keeping each finished request's reason (what the metrics count)."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, FinishReason] = {}
+
+    def step_done(self, stats: object) -> None:
+        pass
+
+    def request_done(self, stats) -> None:
+        self.reasons[stats.request_id] = stats.finish_reason
+
+
 def req(rid: str, n: int = 40, **params) -> Request:
     return Request(rid, tuple(range(1, 9)), SamplingParams(max_new_tokens=n, ignore_eos=True,
                                                            **params))
 
 
 def test_time_limit_ends_a_request_between_tokens(engine):
+    engine.observer = finished = Finished()
     engine.add_request(req("slow", time_limit=0.05))
     engine.add_request(req("free", n=6))
     events = {"slow": [], "free": []}
@@ -47,9 +61,12 @@ def test_time_limit_ends_a_request_between_tokens(engine):
     assert 0 < len(events["slow"]) - 1 < 40
     assert events["free"][-1].finish_reason is FinishReason.LENGTH and len(events["free"]) == 6
     assert engine.blocks.num_free == engine.blocks.num_blocks
+    # Counted as what it was, not as an abort.
+    assert finished.reasons == {"slow": FinishReason.TIME_LIMIT, "free": FinishReason.LENGTH}
 
 
 def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
+    engine.observer = finished = Finished()
     engine.add_request(req("a", n=4))
     engine.add_request(req("b", n=4))
     engine.step()  # both prefill together
@@ -63,6 +80,7 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     assert {e.request_id: e.finish_reason for e in events} == {"a": FinishReason.ERROR,
                                                                "b": FinishReason.ERROR}
     assert all("device fell over" in e.detail and e.token_id is None for e in events)
+    assert finished.reasons == {"a": FinishReason.ERROR, "b": FinishReason.ERROR}
     assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
     # The engine keeps serving: a new request runs to the end.
     monkeypatch.setattr(engine.runner, "execute", real)

@@ -297,14 +297,18 @@ class Engine:
         """End the requests whose time limit has passed, before they take a place in a step."""
         now = time.monotonic()
         late = [s for s in self.seqs.values() if s.deadline is not None and s.deadline <= now]
-        for seq in late:
-            self._remove(seq)
-        return [end_without_token(s, FinishReason.TIME_LIMIT) for s in late]
+        return self._end(late, FinishReason.TIME_LIMIT)
 
     def _fail(self, failed: list[Sequence], error: str) -> list[TokenEvent]:
-        for seq in failed:
+        return self._end(failed, FinishReason.ERROR, error)
+
+    def _end(self, seqs: list[Sequence], reason: FinishReason, detail: str = ""
+             ) -> list[TokenEvent]:
+        """End `seqs` between tokens; the reason is set before the observer hears of them."""
+        events = [end_without_token(s, reason, detail) for s in seqs]
+        for seq in seqs:
             self._remove(seq)
-        return [end_without_token(s, FinishReason.ERROR, error) for s in failed]
+        return events
 
     def _token_times(self, seqs: list[Sequence]) -> tuple[list[float], list[float]]:
         """Stamp this step's tokens; (time to first token, inter-token latency) samples."""
