@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ecserve.config import DTYPES, POLICIES, SCOPES, ConfigError, EngineConfig, ServerConfig
+from ecserve.wording import counted
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate a continuation of PROMPT and print it")
     gen.add_argument("prompt", help="the prompt text")
     _engine_args(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (64)")
     gen.add_argument("--min-new-tokens", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     gen.add_argument("--top-k", type=int, default=0)
@@ -211,7 +212,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     (out,) = llm.generate(args.prompt, params, args.routing_scope, on_token=stream)
     sys.stdout.write("\n")
-    print(f"[{len(out.token_ids)} tokens, finish: {out.finish_reason.value}, seed: {out.seed}]",
+    print(f"[{counted(len(out.token_ids), 'token')}, finish: {out.finish_reason.value}, "
+          f"seed: {out.seed}]",
           file=sys.stderr)
     return 0
 
@@ -268,7 +270,7 @@ def _client(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     sys.stdout.write("\n")
     if last is not None:
-        print(f"[{last.generated_token_count} tokens, stop: "
+        print(f"[{counted(last.generated_token_count, 'token')}, stop: "
               f"{pb.StopReason.Name(last.stop_reason)}, seed: {last.seed}]", file=sys.stderr)
     return 0
 

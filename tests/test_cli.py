@@ -72,6 +72,14 @@ def test_generate_greedy(model_dir, llm):
     assert "Traceback" not in res.stderr
 
 
+def test_one_token_is_singular_and_the_help_gives_the_default(model_dir):
+    res = ecserve("generate", "--model", str(model_dir), "hello", "--max-new-tokens", "1",
+                  "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert "[1 token, finish: length, seed: " in res.stderr
+    assert "tokens to generate (64)" in " ".join(ecserve("generate", "--help").stdout.split())
+
+
 def test_generate_with_a_seed_is_reproducible(model_dir, llm):
     # temperature 5: the default model's distributions are so peaked that at 1.0 every seed
     # gives the same tokens, and the test could not tell a seed from no seed.

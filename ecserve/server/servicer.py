@@ -29,6 +29,7 @@ from ecserve.server.convert import (
 )
 from ecserve.types import FinishReason, Request
 from ecserve.v1 import generation_pb2 as pb
+from ecserve.wording import counted
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 log = logging.getLogger("ecserve.requests")
@@ -121,8 +122,8 @@ class GenerationServicer:
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {item}")
 
     def _log(self, request: Request, builder: ResponseBuilder) -> None:
-        log.info("request %s: %d prompt tokens, %d generated, %s", request.request_id,
-                 len(request.prompt_token_ids), builder.generated,
+        log.info("request %s: %s, %d generated, %s", request.request_id,
+                 counted(len(request.prompt_token_ids), "prompt token"), builder.generated,
                  builder.finish.value if builder.finish else "unfinished")
 
     # ------------------------------------------------------------------ the rest
