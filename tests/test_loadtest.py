@@ -192,6 +192,21 @@ def test_cli_usage_errors_exit_2(server, capsys, tmp_path):
     assert "needs --goodput" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--json", "--plot-dir"])
+def test_cli_unwritable_output_fails_before_the_run(capsys, tmp_path, flag):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    target = blocker / "out" / ("r.json" if flag == "--json" else "")
+    with socket.socket() as sock:  # nobody listens: the run would fail (exit 1) if it started
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = main(["bench", "--address", f"127.0.0.1:{port}", "--metrics-url", "", flag,
+                 str(target)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{flag}: cannot write in {blocker / 'out'}" in err
+
+
 def test_cli_down_server_fails_fast(capsys):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ecserve.loadtest.config import LoadTestConfig, parse_slos
 from ecserve.loadtest.targets import FLAG_TARGETS, TARGETS, check_targets, evaluate, load_targets
@@ -99,7 +100,7 @@ def targets_from_args(args: argparse.Namespace) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     """Raises ValueError for usage errors (the caller's exit 2)."""
-    from ecserve.loadtest.output import result_document, write_json
+    from ecserve.loadtest.output import check_writable, result_document, write_json
     from ecserve.loadtest.report import format_report
     from ecserve.loadtest.run import run_load_test
     from ecserve.loadtest.runner import ServerUnreachable
@@ -116,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
             require_matplotlib()
         except RuntimeError as e:
             raise ValueError(str(e)) from None
+    if args.json:
+        check_writable("--json", Path(args.json).parent)
+    if args.plot_dir:
+        check_writable("--plot-dir", Path(args.plot_dir))
     try:
         result = run_load_test(cfg)
     except ServerUnreachable as e:

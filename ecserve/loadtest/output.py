@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,16 @@ def result_document(result: LoadTestResult, cfg: LoadTestConfig,
     if save_requests:
         doc["requests"] = [r.to_dict() for r in result.requests]
     return _finite(doc)
+
+
+def check_writable(flag: str, directory: Path) -> None:
+    """Fail before the run, not after it: make `directory` and write a scratch file there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write in {directory}: {e.strerror or e}") from None
 
 
 def write_json(path: str, doc: dict[str, Any]) -> None:
