@@ -96,9 +96,11 @@ def load_tokenizer(
     if kind == "huggingface":
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
+            # Not "config.json's tokenizer key": Hugging Face checkpoints have none.
             raise FileNotFoundError(
-                f'{path} not found: config.json\'s "tokenizer" key chose "huggingface", '
-                "which needs a tokenizer.json in the model directory"
+                f"{path} not found: this model's tokenizer is a Hugging Face tokenizer.json, "
+                "which belongs in the model directory (a Hugging Face checkpoint: download it "
+                "with the weights)"
             )
         return HFTokenizer(path, bos_token_id, eos_token_id)
     raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'byte' or 'huggingface'")

@@ -200,6 +200,7 @@ def test_load_errors(tmp_path: Path) -> None:
         load_tokenizer(tmp_path, "huggingface", None, None)
     msg = str(err.value)
     assert str(tmp_path / "tokenizer.json") in msg
-    assert '"tokenizer"' in msg and "huggingface" in msg
+    assert "Hugging Face tokenizer.json" in msg and "download it with the weights" in msg
+    assert '"tokenizer"' not in msg  # a key Hugging Face configs do not have
     with pytest.raises(ValueError, match="sentencepiece"):
         load_tokenizer(tmp_path, "sentencepiece", None, None)
