@@ -79,7 +79,8 @@ WORKDIR /home/ecserve
 EXPOSE 50051 9400
 
 # Probes the in-container port; a container run with another --port needs its own --health-cmd.
-# The generous timeout covers the CLI's start-up (it imports torch).
+# `ecserve health` does not import torch (about 0.2 s); the timeout leaves room on a loaded
+# machine, the start period covers loading the model and the warm-up step.
 HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
     CMD ["ecserve", "health", "--address", "127.0.0.1:50051", "--timeout", "5"]
 

@@ -172,3 +172,14 @@ def test_init_model_onto_a_file_is_an_error(tmp_path, capsys):
     target.write_text("x")
     assert main(["init-model", str(target)]) == 2
     assert "ecserve: error:" in capsys.readouterr().err
+
+
+def test_health_and_client_do_not_import_torch():
+    """The container's HEALTHCHECK runs `ecserve health` every 15 s: it must stay light."""
+    code = ("import sys\nfrom ecserve.cli import main\n"
+            "main(['health', '--address', '127.0.0.1:1', '--timeout', '0.5'])\n"
+            "main(['client', 'x', '--address', '127.0.0.1:1', '--timeout', '0.5'])\n"
+            "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout.strip() == "False", res.stdout + res.stderr
