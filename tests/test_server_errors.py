@@ -207,6 +207,21 @@ def test_specific_messages(stub):
         assert refusal(lambda m=msg: stub.Generate(m, timeout=30)).details() == expected
 
 
+def test_every_refusal_is_logged(stub, channel, caplog):
+    """One log line per refused call, with the code, the peer and the message."""
+    tokenize = channel.unary_unary(TOKENIZE,
+                                   response_deserializer=pb.TokenizeResponse.FromString)
+    bad = splice(pb.TokenizeRequest(text="hello"), b"hello", b"he\xffll")
+    with caplog.at_level("INFO", logger="ecserve.requests"):
+        refusal(lambda: stub.Generate(req(top_p=1.5), timeout=30))
+        refusal(lambda: tokenize(bad, timeout=30))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected")]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"rejected INVALID_ARGUMENT from ipv[46]:.+: sampling\.top_p must be in "
+                        r"\(0, 1\], got 1\.5", lines[0]), lines[0]
+    assert lines[1].startswith("rejected INVALID_ARGUMENT from ") and ": text: " in lines[1]
+
+
 def test_far_over_max_request_bytes_is_refused_by_grpc(channel):
     raw = req("a" * (4 * MAX_REQUEST_BYTES + 10)).SerializeToString()
     for streaming in (False, True):

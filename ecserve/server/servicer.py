@@ -133,7 +133,7 @@ class GenerationServicer:
         try:
             msg = parse(pb.TokenizeRequest, raw, self.cfg.max_request_bytes)
         except InvalidArgument as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         ids = engine.encode(msg.text)
         out = pb.TokenizeResponse(token_ids=ids, token_count=len(ids))
         if msg.return_tokens:
@@ -161,6 +161,8 @@ class GenerationServicer:
                       message: str) -> NoReturn:
         if self.metrics is not None:
             self.metrics.reject(code.name)
+        # One line per refusal, as per finished request: an operator sees who is turned away.
+        log.info("rejected %s from %s: %s", code.name, context.peer(), message[:300])
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
