@@ -335,3 +335,20 @@ def test_serve_placement_is_checked_before_anything_starts(make_model, tmp_path,
     for extra, message in cases:
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_local_workers_import_the_drivers_ecserve(tmp_path):
+    """Started from a directory holding another `ecserve` (a source checkout), a worker still
+    runs the driver's package: `python -m` would import the one in the current directory."""
+    from ecserve.parallel.driver import worker_command
+
+    decoy = tmp_path / "ecserve"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy ecserve was imported')\n")
+    cmd = worker_command(1, 2, 1, "gloo", 5.0)
+    res = subprocess.run([*cmd, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "--rank" in res.stdout, res.stderr
+    old = subprocess.run([sys.executable, "-m", "ecserve.parallel.worker", "--help"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "decoy" in old.stderr  # what the test guards against

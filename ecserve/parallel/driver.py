@@ -12,10 +12,12 @@ import logging
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import ecserve
 from ecserve.engine.runner import ModelRunner, RunnerLost
 from ecserve.parallel.group import ParallelGroup, destroy_group, free_port, init_group
 from ecserve.parallel.moe_ep import default_placement, executable_placement, shard_experts
@@ -31,6 +33,17 @@ def broadcast(message: object) -> object:
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+
+
+def worker_command(rank: int, world: int, port: int, backend: str, timeout_s: float) -> list[str]:
+    """A local worker rank's command line. It imports the driver's own ecserve: `python -m`
+    would put the current directory first on sys.path, and a source checkout there (another
+    version of ecserve) would then run in the workers but not in the driver."""
+    home = str(Path(ecserve.__file__).resolve().parent.parent)
+    boot = (f"import sys; sys.path.insert(0, {home!r}); "
+            "from ecserve.parallel.worker import main; sys.exit(main())")
+    return [sys.executable, "-c", boot, "--rank", str(rank), "--world", str(world),
+            "--port", str(port), "--backend", backend, "--timeout", str(timeout_s)]
 
 class DriverRunner(ModelRunner):
     """Rank 0's ModelRunner: broadcasts each plan, then runs it like every other rank."""
@@ -92,9 +105,7 @@ class ExpertParallel:
             return
         port = port or free_port()
         self.workers = [
-            subprocess.Popen([sys.executable, "-m", "ecserve.parallel.worker", "--rank", str(r),
-                              "--world", str(world), "--port", str(port), "--backend", backend,
-                              "--timeout", str(timeout_s)])
+            subprocess.Popen(worker_command(r, world, port, backend, timeout_s))
             for r in range(1, world)
         ]
         try:
