@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ecserve.readable import check_readable
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -102,6 +104,7 @@ def load_tokenizer(
                 "which belongs in the model directory (a Hugging Face checkpoint: download it "
                 "with the weights)"
             )
+        check_readable(path)
         return HFTokenizer(path, bos_token_id, eos_token_id)
     raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'byte' or 'huggingface'")
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ecserve.config import ConfigError, ModelConfig
 from ecserve.model.transformer import Transformer
+from ecserve.readable import check_readable
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -58,6 +59,7 @@ def read_config(model_dir: str | os.PathLike) -> ModelConfig:
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (a model directory needs {CONFIG_FILE})")
+    check_readable(path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -113,6 +115,7 @@ def threshold_problems(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> l
 
 def _open(path: Path):
     """safe_open, with a corrupt or truncated file reported as a CheckpointError naming it."""
+    check_readable(path)
     try:
         return safe_open(path, framework="pt")
     except SafetensorError as e:
@@ -123,6 +126,7 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     """Map each stored tensor name to the file holding it."""
     single, index = model_dir / WEIGHTS_FILE, model_dir / INDEX_FILE
     if index.is_file():
+        check_readable(index)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -274,3 +278,6 @@ def save_model(
     tensors = {k: v.detach().to(torch.float32 if k in routing else dtype).contiguous()
                for k, v in state.items()}
     save_file(tensors, model_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    # safetensors writes 0600; give the weights config.json's mode (the umask's), so a server
+    # running as another user (a container's) can read what this user wrote.
+    (model_dir / WEIGHTS_FILE).chmod((model_dir / CONFIG_FILE).stat().st_mode & 0o777)
