@@ -53,6 +53,9 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     """Flags mirroring ServerConfig."""
     p.add_argument("--host", help="listen address (127.0.0.1; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, help="gRPC port (50051; 0: any free port)")
+    p.add_argument("--reuse-port", action="store_true", default=None,
+                   help="share the port with other processes (SO_REUSEPORT); without it a "
+                        "port in use is refused at start")
     p.add_argument("--grace-period", type=float,
                    help="seconds live requests get to finish after SIGTERM (30)")
     p.add_argument("--max-request-bytes", type=int, help="largest request message (1 MiB)")

@@ -265,6 +265,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"  # listen address; 0.0.0.0 (or [::]) to take outside connections
     port: int = 50051  # 0: any free port
+    reuse_port: bool = False  # SO_REUSEPORT: let several servers share the port on purpose
     grace_period: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     max_request_bytes: int = 1 << 20  # larger requests: INVALID_ARGUMENT (4x: refused by gRPC)
     default_max_new_tokens: int = 16  # when a request does not say

@@ -331,3 +331,43 @@ def test_health_cli_with_nothing_listening():
     assert out.stderr.startswith("ecserve: error: UNAVAILABLE"), out.stderr
     assert "Traceback" not in out.stderr
     assert took < 10
+
+
+def _serve_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "ecserve", "serve", "--no-warmup", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _one_clean_error(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 2, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("ecserve: error:")]
+    assert len(errors) == 1, res.stderr
+    for bad in ("Traceback", "Event loop is closed", "serving model"):
+        assert bad not in res.stderr, res.stderr
+    return errors[0]
+
+
+def test_a_model_that_fails_to_load_is_one_line_and_exit_2(tmp_path):
+    line = _one_clean_error(_serve_process("--model", str(tmp_path / "missing"), "--port", "0",
+                                           "--no-metrics"))
+    assert f"{tmp_path / 'missing' / 'config.json'}: no such file" in line
+
+
+def test_a_port_in_use_is_refused_at_start_naming_it(make_model):
+    """Another server on the port (one that allows sharing, as gRPC's default did): refused
+    unless --reuse-port; the metrics port too, before the model loads."""
+    import socket
+
+    model = make_model()
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        line = _one_clean_error(_serve_process("--model", str(model), "--port", str(port),
+                                               "--no-metrics"))
+        assert f"cannot listen on 127.0.0.1:{port}" in line and "--reuse-port" in line
+        line = _one_clean_error(_serve_process("--model", str(model), "--port", "0",
+                                               "--metrics-port", str(port)))
+        assert f"cannot serve metrics on 127.0.0.1:{port}" in line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -46,8 +47,11 @@ class Server:
         self.health = health.aio.HealthServicer()
         # Past max_request_bytes the servicer answers INVALID_ARGUMENT naming the field; far
         # past it gRPC refuses the message itself (RESOURCE_EXHAUSTED) before it is buffered.
+        # gRPC sets SO_REUSEPORT by default: a second server would then bind the same port
+        # silently and take half the connections. Off unless asked for.
         self.grpc = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", 4 * self.cfg.max_request_bytes),
+            ("grpc.so_reuseport", int(self.cfg.reuse_port)),
         ])
         self.grpc.add_generic_rpc_handlers([self.servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -58,9 +62,17 @@ class Server:
     async def start(self) -> int:
         """Listen, load the model, warm it up, then report SERVING. Returns the bound port."""
         await self._set_health(NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        try:
+            self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: the address is in use or not this "
+                          "machine's (another server? --port chooses another; --reuse-port "
+                          f"shares one on purpose) ({e})") from None
+        if self.cfg.metrics and self.cfg.metrics_port:
+            _check_free(self.cfg.metrics_host or self.cfg.host, self.cfg.metrics_port)
         await self.grpc.start()
-        log.info("listening on %s:%d; loading the model", self.cfg.host, self.port)
+        log.info("health NOT_SERVING on %s:%d while the model loads", self.cfg.host, self.port)
         engine = await _in_daemon_thread(self._load_engine)
         self.engine = AsyncEngine(engine)
         self.engine.on_lost = self._engine_lost
@@ -107,6 +119,15 @@ class Server:
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE):  # "" is the whole server, as load balancers probe it
             await self.health.set(name, status)
+
+    async def close(self) -> None:
+        """After a failed start: stop whatever had started, at once (nothing was served)."""
+        await self.grpc.stop(None)
+        if self.engine is not None:
+            await self.engine.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
     async def drain(self, grace: float) -> None:
         """Stop taking requests, let live ones finish for up to `grace` seconds, then stop."""
@@ -194,7 +215,13 @@ def serve(load_engine: Callable[[], Engine], cfg: ServerConfig) -> int:
         failed = asyncio.ensure_future(server.failed.wait())
         await asyncio.wait([starting, stopped, failed], return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
-            starting.result()  # a failed start (port in use, bad model) raises here
+            if (error := starting.exception()) is not None:
+                # A failed start (port in use, bad model): close what started, then let the
+                # caller print one line (`ecserve serve` exits 2). Health never said SERVING.
+                stopped.cancel()
+                failed.cancel()
+                await server.close()
+                raise error
             await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
         else:
             starting.cancel()
@@ -206,6 +233,18 @@ def serve(load_engine: Callable[[], Engine], cfg: ServerConfig) -> int:
     code = 0
     _run(main())
     return code
+
+
+def _check_free(host: str, port: int) -> None:
+    """The metrics port, checked before the model loads rather than failing after it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server does
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror} (another "
+                          "server? --metrics-port chooses another, 0 any)") from None
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
