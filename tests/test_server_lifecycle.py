@@ -371,3 +371,44 @@ def test_a_port_in_use_is_refused_at_start_naming_it(make_model):
         line = _one_clean_error(_serve_process("--model", str(model), "--port", "0",
                                                "--metrics-port", str(port)))
         assert f"cannot serve metrics on 127.0.0.1:{port}" in line
+
+
+def test_a_second_signal_ends_the_drain_at_once(make_model, tmp_path):
+    """Ctrl-C twice, as with other servers: the drain stops waiting, live streams get their
+    final CANCELLED message, and the process exits 0 long before the grace period."""
+    model = make_model(num_layers=12, max_position_embeddings=4096)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--port",
+             str(port), "--no-metrics", "--device", "cpu", "--grace-period", "120"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: health(address) == "SERVING", 60, "SERVING")
+        messages: list[pb.GenerateResponse] = []
+        first = threading.Event()
+
+        def read() -> None:
+            with Client(address, timeout=120) as c:
+                for m in c.stream("twice", max_new_tokens=4000, ignore_eos=True):
+                    messages.append(m)
+                    first.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert first.wait(30)
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: health(address) == "NOT_SERVING", 5, "NOT_SERVING")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0, log_path.read_text()
+        assert time.monotonic() - t0 < 10
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert messages[-1].stop_reason == pb.STOP_REASON_CANCELLED
+    assert "second signal: ending the drain now" in log_path.read_text()

@@ -41,6 +41,7 @@ class Server:
         # Set when the engine can run no further step (a lost expert-parallel rank): the
         # server then drains what it can and exits 1, for the orchestrator to restart it.
         self.failed = asyncio.Event()
+        self.stop_now = asyncio.Event()  # ends a drain's grace period early (a second signal)
         self.metrics: Metrics | None = None
         self._metrics_http: Any = None
         self.port = self.metrics_port = 0
@@ -138,10 +139,12 @@ class Server:
         live = self.engine
         if live is not None:
             log.info("draining %d live requests (grace %.1f s)", live.num_live, grace)
-            while live.num_live and loop.time() < deadline:
+            while live.num_live and loop.time() < deadline and not self.stop_now.is_set():
                 await asyncio.sleep(0.02)
             if live.num_live:
-                log.warning("grace period over: cancelling %d requests", live.num_live)
+                log.warning("%s: cancelling %d requests",
+                            "stopping now" if self.stop_now.is_set() else "grace period over",
+                            live.num_live)
                 live.cancel_all()
         # Handlers that already hold their last event get a moment to send it.
         await self.grpc.stop(grace=1.0)
@@ -208,8 +211,15 @@ def serve(load_engine: Callable[[], Engine], cfg: ServerConfig) -> int:
         server = Server(load_engine, cfg)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second Ctrl-C (or SIGTERM) during the drain: stop now
+                log.warning("second signal: ending the drain now")
+                server.stop_now.set()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         starting = asyncio.ensure_future(server.start())
         stopped = asyncio.ensure_future(stop.wait())
         failed = asyncio.ensure_future(server.failed.wait())
