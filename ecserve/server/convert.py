@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ecserve.client import ROUTING_SCOPES
 from ecserve.config import ServerConfig
-from ecserve.server.wire import bad_utf8_field
+from ecserve.server.wire import bad_utf8_field, largest_field
 from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent, TokenLogprobs
 from ecserve.v1 import generation_pb2 as pb
 
@@ -60,30 +60,18 @@ def proto_message(error: str, prompt_as_ids: bool) -> str:
 
 
 def parse(cls: type[Message], raw: bytes, max_bytes: int) -> Message:
-    """Deserialize a request, naming the field that is too large or not UTF-8."""
+    """Deserialize a request, naming the field that is too large or not UTF-8. The size is
+    checked first, and every step is linear in len(raw)."""
+    if len(raw) > max_bytes:
+        raise InvalidArgument(f"{largest_field(raw, cls.DESCRIPTOR)}: the request is "
+                              f"{len(raw)} bytes, over the server's max_request_bytes={max_bytes}")
     try:
-        msg = cls.FromString(raw)
+        return cls.FromString(raw)
     except DecodeError as e:
         field = bad_utf8_field(raw, cls.DESCRIPTOR)
         if field is not None:
             raise InvalidArgument(f"{field}: not valid UTF-8") from e
         raise InvalidArgument(f"request: not a valid {cls.DESCRIPTOR.full_name} ({e})") from e
-    if len(raw) > max_bytes:
-        raise InvalidArgument(f"{_largest_field(msg)}: the request is {len(raw)} bytes, over "
-                              f"the server's max_request_bytes={max_bytes}")
-    return msg
-
-
-def _largest_field(msg: Message) -> str:
-    sizes = {}
-    for field, _ in msg.ListFields():
-        alone = type(msg)()
-        alone.MergeFrom(msg)
-        for other, _ in msg.ListFields():
-            if other.name != field.name:
-                alone.ClearField(other.name)
-        sizes[field.name] = alone.ByteSize()
-    return max(sizes, key=sizes.__getitem__, default="request")
 
 
 def to_request(

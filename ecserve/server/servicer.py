@@ -10,9 +10,10 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from ecserve.config import ServerConfig
 from ecserve.engine.batcher import QueueFullError
@@ -33,6 +34,8 @@ from ecserve.wording import counted
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 log = logging.getLogger("ecserve.requests")
+M = TypeVar("M", bound=Message)
+PARSE_INLINE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
 
 
 class GenerationServicer:
@@ -105,7 +108,7 @@ class GenerationServicer:
         live = await self._refuse_if_not_serving(context)
         engine = live.engine
         try:
-            msg = parse(pb.GenerateRequest, raw, self.cfg.max_request_bytes)
+            msg = await self._parse(pb.GenerateRequest, raw)
             request = to_request(msg, uuid.uuid4().hex[:16], engine.encode, self.cfg)
             queue = live.submit(request)
         except InvalidArgument as e:
@@ -116,6 +119,13 @@ class GenerationServicer:
         except QueueFullError as e:
             await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return live, request, ResponseBuilder(request, msg.response, engine.tokenizer.decode), queue
+
+    async def _parse(self, cls: type[M], raw: bytes) -> M:
+        """parse(), off the event loop for a large body: naming a bad field walks it in
+        Python, and health checks must keep answering meanwhile."""
+        if len(raw) <= PARSE_INLINE_BYTES:
+            return parse(cls, raw, self.cfg.max_request_bytes)
+        return await asyncio.to_thread(parse, cls, raw, self.cfg.max_request_bytes)
 
     async def _raise_error(self, item: Item, context: grpc.aio.ServicerContext) -> None:
         if isinstance(item, Exception):
@@ -131,7 +141,7 @@ class GenerationServicer:
     async def tokenize(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         engine = (await self._refuse_if_not_serving(context)).engine
         try:
-            msg = parse(pb.TokenizeRequest, raw, self.cfg.max_request_bytes)
+            msg = await self._parse(pb.TokenizeRequest, raw)
         except InvalidArgument as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         ids = engine.encode(msg.text)
