@@ -148,6 +148,9 @@ class Metrics:
 
     def request_done(self, stats: RequestStats) -> None:
         self.finished.labels(stats.finish_reason.value).inc()
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_used.set(stats.kv_blocks_used)
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.e2e.observe(stats.e2e_time)
         self.queue.observe(stats.queue_time)

@@ -188,3 +188,8 @@ class RequestStats:
     prefill_time: float | None  # admitted -> first token; None without a token
     decode_time: float | None  # first token -> last token; None without a token
     e2e_time: float  # arrival -> finished
+    # The engine just after the request left (its blocks freed): gauges stay true when a
+    # request ends outside a step (a cancel, a time limit) and no step follows.
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0

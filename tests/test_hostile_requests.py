@@ -16,11 +16,13 @@ from conftest import tiny_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving import ServerThread
 
+from ecserve.client import build_request
 from ecserve.config import EngineConfig, ModelConfig
 from ecserve.engine.engine import Engine
 from ecserve.model.default import write_model
 from ecserve.server.wire import bad_utf8_field, largest_field
 from ecserve.v1 import generation_pb2 as pb
+from ecserve.v1 import generation_pb2_grpc as pb_grpc
 
 GENERATE = "/ecserve.v1.GenerationService/Generate"
 MIB = 1 << 20
@@ -112,3 +114,65 @@ def test_hostile_bodies_get_a_status_and_health_keeps_answering(server, kind, si
         assert err.value.details() == "prompt: not valid UTF-8"
     assert took < 10, took
     assert hp.worst < 1.0, f"health took {hp.worst:.2f} s during the call"
+
+
+def _gauges(s: ServerThread) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{s.server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return {x.name: x.value for f in text_string_to_metric_families(text) for x in f.samples
+            if x.name in ("ecserve_requests_running", "ecserve_requests_waiting",
+                          "ecserve_kv_cache_blocks_used")}
+
+
+def test_cancelled_streams_leave_honest_gauges_when_idle(server):
+    """A client that cancels mid-stream and then goes quiet: no step follows, yet the gauges
+    say nothing runs and no KV block is held (they used to keep running=1 until the next
+    request)."""
+    with grpc.insecure_channel(server.address) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        for _ in range(3):
+            stream = stub.GenerateStream(build_request("cancel me", max_new_tokens=200,
+                                                       ignore_eos=True), timeout=60)
+            next(stream)
+            stream.cancel()
+    deadline = time.monotonic() + 5
+    while (g := _gauges(server)) != {"ecserve_requests_running": 0.0,
+                                     "ecserve_requests_waiting": 0.0,
+                                     "ecserve_kv_cache_blocks_used": 0.0}:
+        assert time.monotonic() < deadline, g
+        time.sleep(0.05)
+
+
+def test_cancelled_calls_do_not_count_against_the_queue(tmp_path):
+    """max_waiting=1: a call cancelled while queued frees its place at once, whether the engine
+    thread has taken it yet or not, so the client's retry is accepted, not
+    RESOURCE_EXHAUSTED (the worker is driven by hand here, to hold each state still)."""
+    import asyncio
+
+    from ecserve.server.async_engine import AsyncEngine, _Inbox
+    from ecserve.types import Request, SamplingParams
+
+    model = write_model(tmp_path / "m", ModelConfig.from_dict(tiny_config()), 0)
+    ae = AsyncEngine(Engine(model, EngineConfig(device="cpu", max_waiting=1)))
+    ae._loop = asyncio.new_event_loop()
+
+    def req(rid: str) -> Request:
+        return Request(rid, (1, 2, 3), SamplingParams(max_new_tokens=2))
+
+    ae.submit(req("a"))
+    ae.cancel("a")  # still in the inbox
+    ae.submit(req("b"))
+    inbox, ae._inbox = ae._inbox, _Inbox()
+    ae._apply(inbox)  # the worker takes b: waiting in the engine
+    assert list(ae.engine.seqs) == ["b"]
+    ae.cancel("b")  # handed over: the abort waits for the worker
+    ae.submit(req("c"))
+    inbox, ae._inbox = ae._inbox, _Inbox()
+    ae._apply(inbox)
+    assert list(ae.engine.seqs) == ["c"]
+    ae._loop.close()

@@ -338,7 +338,10 @@ class Engine:
         self.batcher.remove(seq)
         del self.seqs[seq.request_id]
         if self.observer is not None:
-            self.observer.request_done(request_stats(seq, time.monotonic()))
+            stats = request_stats(seq, time.monotonic())
+            self.observer.request_done(dataclasses.replace(
+                stats, num_running=len(self.batcher.running),
+                num_waiting=len(self.batcher.waiting), kv_blocks_used=self.blocks.num_used))
 
 
 def with_routing_overrides(mc: ModelConfig, cfg: EngineConfig) -> ModelConfig:

@@ -30,7 +30,7 @@ class _Inbox:
 
     requests: list[Request] = field(default_factory=list)
     tokens: int = 0  # prompt tokens of `requests`
-    cancels: set[str] = field(default_factory=set)
+    cancels: dict[str, int] = field(default_factory=dict)  # request id -> its prompt tokens
     stop: bool = False
 
 
@@ -41,6 +41,7 @@ class AsyncEngine:
         self._inbox = _Inbox()
         self._work = threading.Event()  # set when the inbox has something
         self._streams: dict[str, asyncio.Queue[Item]] = {}  # live requests (event loop only)
+        self._prompt_tokens: dict[str, int] = {}  # of the live requests (event loop only)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called on the event loop, once, when the engine can run no further step.
         self.on_lost: Callable[[str], None] | None = None
@@ -72,11 +73,16 @@ class AsyncEngine:
         self.engine.validate(request)
         with self._lock:
             inbox = self._inbox
-            self.engine.batcher.check_room(len(inbox.requests) + 1, inbox.tokens + n)
+            # Cancels the worker has not applied yet no longer count: a client that cancels
+            # and retries is not refused for its own dead call.
+            self.engine.batcher.check_room(
+                len(inbox.requests) + 1 - len(inbox.cancels),
+                inbox.tokens + n - sum(inbox.cancels.values()))
             inbox.requests.append(request)
             inbox.tokens += n
         queue: asyncio.Queue[Item] = asyncio.Queue()
         self._streams[request.request_id] = queue
+        self._prompt_tokens[request.request_id] = n
         self._work.set()
         return queue
 
@@ -90,9 +96,22 @@ class AsyncEngine:
             return
         if not notify:
             del self._streams[request_id]
+        tokens = self._prompt_tokens.pop(request_id, 0)
         with self._lock:
-            self._inbox.cancels.add(request_id)
-        self._work.set()
+            inbox = self._inbox
+            handed_over = True
+            for i, r in enumerate(inbox.requests):
+                if r.request_id == request_id:  # still in the inbox: gone at once
+                    del inbox.requests[i]
+                    inbox.tokens -= tokens
+                    handed_over = False
+                    break
+            if handed_over:
+                inbox.cancels[request_id] = tokens
+        if handed_over:
+            self._work.set()
+        else:
+            self._finish_cancelled([request_id])
 
     def cancel_all(self) -> None:
         for request_id in list(self._streams):
@@ -116,18 +135,13 @@ class AsyncEngine:
                 self._step()
 
     def _apply(self, inbox: _Inbox) -> None:
-        cancelled = []
+        # Cancels first: submit() already gave their queue places to the new requests.
+        cancelled = [rid for rid in inbox.cancels if self.engine.abort(rid)]
         for request in inbox.requests:
-            if request.request_id in inbox.cancels:
-                cancelled.append(request.request_id)
-                continue
             try:
                 self.engine.add_request(request)
             except Exception as exc:  # submit() checked it; defend the loop regardless
                 self._post(self._end, request.request_id, exc)
-        for rid in inbox.cancels:
-            if self.engine.abort(rid):
-                cancelled.append(rid)
         if cancelled:
             self._post(self._finish_cancelled, cancelled)
 
@@ -165,15 +179,18 @@ class AsyncEngine:
             queue.put_nowait(event)
             if event.finished:
                 del self._streams[event.request_id]
+                self._prompt_tokens.pop(event.request_id, None)
 
     def _finish_cancelled(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             queue = self._streams.pop(rid, None)
+            self._prompt_tokens.pop(rid, None)
             if queue is not None:  # a server-side cancel: tell the waiting call
                 queue.put_nowait(TokenEvent(rid, None, "", 0, FinishReason.ABORTED))
 
     def _end(self, request_id: str, exc: Exception) -> None:
         queue = self._streams.pop(request_id, None)
+        self._prompt_tokens.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(exc)
 
