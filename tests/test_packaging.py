@@ -47,3 +47,15 @@ def test_every_subpackage_is_installed():
         name = ".".join(("ecserve", *init.parent.relative_to(root).parts))
         module = importlib.import_module(name)
         assert Path(module.__file__).resolve().is_relative_to(installed), name
+
+
+def test_triton_is_an_extra_not_a_requirement():
+    """A CPU install stays lean (triton is about 1 GB and runs only on CUDA): the `gpu` extra
+    names it, and PyTorch's CUDA wheels for Linux require it anyway."""
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(r) for r in importlib.metadata.requires("ecserve") or []]
+    core = {r.name for r in reqs if r.marker is None or "extra" not in str(r.marker)}
+    assert "triton" not in core and "torch" in core
+    gpu = [r for r in reqs if r.name == "triton" and r.marker and 'extra == "gpu"' in str(r.marker)]
+    assert gpu, reqs

@@ -51,7 +51,8 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and ecserve_kernels.HAS_TRITON else "torch"
     if choice == "triton":
         if not ecserve_kernels.HAS_TRITON:
-            raise ConfigError("kernels=triton: triton is not installed")
+            raise ConfigError("kernels=triton: triton is not installed (pip install "
+                              "'ecserve[gpu]'; PyTorch's CUDA wheels for Linux bring it)")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(f"kernels=triton needs a CUDA device, got {device} (on a CPU "
                               "only Triton's interpreter runs them: TRITON_INTERPRET=1, slow)")
