@@ -226,11 +226,7 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Before torch loads its OpenMP runtime: spinning OpenMP threads fight the server's own
-    # threads (gRPC, the event loop) for cores, and steps then take seconds, not milliseconds
-    # (README, "Load testing"). An explicit setting in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
+    import torch  # OMP_WAIT_POLICY: set for every command by ecserve/__init__.py
 
     from ecserve.engine.engine import Engine
     from ecserve.server.app import serve

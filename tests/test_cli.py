@@ -183,3 +183,15 @@ def test_health_and_client_do_not_import_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert res.stdout.strip() == "False", res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(("env", "want"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_one_openmp_wait_policy_for_every_entry_point(env, want):
+    """Set by the package, before torch loads OpenMP, for serve, generate, plan, train and
+    LLM() alike; the environment's own setting wins."""
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, ecserve, torch; from ecserve.cli import main; "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=base if env is None else {**base, "OMP_WAIT_POLICY": env})
+    assert res.stdout.strip() == want, res.stderr
