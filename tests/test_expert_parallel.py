@@ -352,3 +352,66 @@ def test_local_workers_import_the_drivers_ecserve(tmp_path):
     old = subprocess.run([sys.executable, "-m", "ecserve.parallel.worker", "--help"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "decoy" in old.stderr  # what the test guards against
+
+
+def test_a_signal_to_the_whole_process_group_drains_like_one_process(make_model, tmp_path):
+    """Ctrl-C, `kill -- -PGID`, systemd: every process of `serve --expert-parallel 2` gets the
+    signal. The worker leaves it to the driver, which drains (the live stream finishes), and
+    everything exits 0 with no error logged."""
+    import os
+    import signal
+    import threading
+
+    from ecserve.client import Client
+    from ecserve.parallel.group import free_port
+
+    model = make_model(num_layers=8)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--port",
+             str(port), "--no-metrics", "--device", "cpu", "--expert-parallel", "2",
+             "--grace-period", "60"], stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        import time
+
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + 90
+        with grpc.insecure_channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        messages, first = [], threading.Event()
+
+        def read() -> None:
+            with Client(address, timeout=120) as c:
+                for m in c.stream("group", max_new_tokens=200, ignore_eos=True):
+                    messages.append(m)
+                    first.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert first.wait(60), log_path.read_text()
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as systemd does
+        assert proc.wait(timeout=90) == 0, log_path.read_text()
+        reader.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    text = log_path.read_text()
+    from ecserve.v1 import generation_pb2 as pb
+
+    assert messages[-1].stop_reason == pb.STOP_REASON_MAX_TOKENS, text
+    assert " ERROR " not in text and "CRITICAL" not in text and "Traceback" not in text, text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 import torch
 
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--timeout", type=float, default=600.0)
     a = ap.parse_args(argv)
+    # Ctrl-C in a terminal, `kill -- -PGID` and systemd signal the whole process group. The
+    # driver drains (these ranks keep computing its steps meanwhile), then sends 'stop'; a
+    # worker that died first would fail every live request. Signals are the driver's.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO)
     group = init_group(a.rank, a.world, a.addr, a.port, a.backend, a.timeout)
     try:
