@@ -9,6 +9,8 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any
 
+import grpc
+
 from ecserve.client import Client
 from ecserve.config import ServerConfig
 from ecserve.engine.engine import Engine
@@ -65,3 +67,37 @@ class ServerThread:
             if time.monotonic() > end:
                 raise TimeoutError("condition not met in time")
             time.sleep(0.01)
+
+
+def health(address: str, service: str = "") -> str:
+    """The reported status, or the gRPC status code's name when the call itself fails."""
+    with Client(address, timeout=2) as c:
+        try:
+            return c.health(service)
+        except grpc.RpcError as e:
+            return e.code().name
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class BackgroundStream:
+    """One generation streamed by a daemon thread; `messages` fills as tokens arrive."""
+
+    def __init__(self, address: str, prompt: str, max_new_tokens: int) -> None:
+        self.messages: list[Any] = []
+        self.first = threading.Event()
+
+        def read() -> None:
+            with Client(address, timeout=120) as c:
+                for m in c.stream(prompt, max_new_tokens=max_new_tokens, ignore_eos=True):
+                    self.messages.append(m)
+                    self.first.set()
+
+        self.thread = threading.Thread(target=read, daemon=True)
+        self.thread.start()

@@ -360,9 +360,9 @@ def test_a_signal_to_the_whole_process_group_drains_like_one_process(make_model,
     everything exits 0 with no error logged."""
     import os
     import signal
-    import threading
 
-    from ecserve.client import Client
+    from serving import BackgroundStream, health, wait_for
+
     from ecserve.parallel.group import free_port
 
     model = make_model(num_layers=8)
@@ -376,36 +376,12 @@ def test_a_signal_to_the_whole_process_group_drains_like_one_process(make_model,
              "--grace-period", "60"], stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        import time
-
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + 90
-        with grpc.insecure_channel(address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.2)
-        messages, first = [], threading.Event()
-
-        def read() -> None:
-            with Client(address, timeout=120) as c:
-                for m in c.stream("group", max_new_tokens=200, ignore_eos=True):
-                    messages.append(m)
-                    first.set()
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        assert first.wait(60), log_path.read_text()
+        wait_for(lambda: health(address) == "SERVING", 90, f"SERVING:\n{log_path.read_text()}")
+        stream = BackgroundStream(address, "group", 200)
+        assert stream.first.wait(60), log_path.read_text()
         os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as systemd does
         assert proc.wait(timeout=90) == 0, log_path.read_text()
-        reader.join(timeout=30)
+        stream.thread.join(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -413,5 +389,5 @@ def test_a_signal_to_the_whole_process_group_drains_like_one_process(make_model,
     text = log_path.read_text()
     from ecserve.v1 import generation_pb2 as pb
 
-    assert messages[-1].stop_reason == pb.STOP_REASON_MAX_TOKENS, text
+    assert stream.messages[-1].stop_reason == pb.STOP_REASON_MAX_TOKENS, text
     assert " ERROR " not in text and "CRITICAL" not in text and "Traceback" not in text, text

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving import ServerThread
+from serving import BackgroundStream, ServerThread, health, wait_for
 
 from ecserve.client import Client, build_request
 from ecserve.config import EngineConfig
@@ -29,23 +29,6 @@ SERVICE = "ecserve.v1.GenerationService"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def health(address: str, service: str = "") -> str:
-    """The reported status, or the gRPC status code's name when the call itself fails."""
-    with Client(address, timeout=2) as c:
-        try:
-            return c.health(service)
-        except grpc.RpcError as e:
-            return e.code().name
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def refused(fn: Callable[[], object]) -> grpc.RpcError:
@@ -387,28 +370,18 @@ def test_a_second_signal_ends_the_drain_at_once(make_model, tmp_path):
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         wait_for(lambda: health(address) == "SERVING", 60, "SERVING")
-        messages: list[pb.GenerateResponse] = []
-        first = threading.Event()
-
-        def read() -> None:
-            with Client(address, timeout=120) as c:
-                for m in c.stream("twice", max_new_tokens=4000, ignore_eos=True):
-                    messages.append(m)
-                    first.set()
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        assert first.wait(30)
+        stream = BackgroundStream(address, "twice", 4000)
+        assert stream.first.wait(30)
         proc.send_signal(signal.SIGINT)
         wait_for(lambda: health(address) == "NOT_SERVING", 5, "NOT_SERVING")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0, log_path.read_text()
         assert time.monotonic() - t0 < 10
-        reader.join(timeout=10)
+        stream.thread.join(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-    assert messages[-1].stop_reason == pb.STOP_REASON_CANCELLED
+    assert stream.messages[-1].stop_reason == pb.STOP_REASON_CANCELLED
     assert "second signal: ending the drain now" in log_path.read_text()

@@ -338,10 +338,7 @@ class Engine:
         self.batcher.remove(seq)
         del self.seqs[seq.request_id]
         if self.observer is not None:
-            stats = request_stats(seq, time.monotonic())
-            self.observer.request_done(dataclasses.replace(
-                stats, num_running=len(self.batcher.running),
-                num_waiting=len(self.batcher.waiting), kv_blocks_used=self.blocks.num_used))
+            self.observer.request_done(request_stats(seq, time.monotonic(), self))
 
 
 def with_routing_overrides(mc: ModelConfig, cfg: EngineConfig) -> ModelConfig:
@@ -354,8 +351,8 @@ def with_routing_overrides(mc: ModelConfig, cfg: EngineConfig) -> ModelConfig:
     return dataclasses.replace(mc, routing=dataclasses.replace(mc.routing, **changes))
 
 
-def request_stats(seq: Sequence, now: float) -> RequestStats:
-    """A finished sequence's timeline."""
+def request_stats(seq: Sequence, now: float, engine: Engine) -> RequestStats:
+    """A finished sequence's timeline, and the engine's occupancy once it left."""
     first, last, admitted = seq.first_token_time, seq.last_token_time, seq.admitted_time
     return RequestStats(
         request_id=seq.request_id,
@@ -366,4 +363,7 @@ def request_stats(seq: Sequence, now: float) -> RequestStats:
         prefill_time=None if first is None or admitted is None else first - admitted,
         decode_time=None if first is None or last is None else last - first,
         e2e_time=now - seq.arrival_time,
+        num_running=len(engine.batcher.running),
+        num_waiting=len(engine.batcher.waiting),
+        kv_blocks_used=engine.blocks.num_used,
     )

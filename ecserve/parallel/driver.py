@@ -34,7 +34,6 @@ def broadcast(message: object) -> object:
     return box[0]
 
 
-
 def worker_command(rank: int, world: int, port: int, backend: str, timeout_s: float) -> list[str]:
     """A local worker rank's command line. It imports the driver's own ecserve: `python -m`
     would put the current directory first on sys.path, and a source checkout there (another
@@ -44,6 +43,7 @@ def worker_command(rank: int, world: int, port: int, backend: str, timeout_s: fl
             "from ecserve.parallel.worker import main; sys.exit(main())")
     return [sys.executable, "-c", boot, "--rank", str(rank), "--world", str(world),
             "--port", str(port), "--backend", backend, "--timeout", str(timeout_s)]
+
 
 class DriverRunner(ModelRunner):
     """Rank 0's ModelRunner: broadcasts each plan, then runs it like every other rank."""

@@ -99,16 +99,14 @@ class AsyncEngine:
         tokens = self._prompt_tokens.pop(request_id, 0)
         with self._lock:
             inbox = self._inbox
-            handed_over = True
-            for i, r in enumerate(inbox.requests):
-                if r.request_id == request_id:  # still in the inbox: gone at once
-                    del inbox.requests[i]
-                    inbox.tokens -= tokens
-                    handed_over = False
-                    break
-            if handed_over:
+            queued = next((i for i, r in enumerate(inbox.requests)
+                           if r.request_id == request_id), None)
+            if queued is None:  # handed over: the worker aborts it between steps
                 inbox.cancels[request_id] = tokens
-        if handed_over:
+            else:  # still in the inbox: gone at once
+                del inbox.requests[queued]
+                inbox.tokens -= tokens
+        if queued is None:
             self._work.set()
         else:
             self._finish_cancelled([request_id])

@@ -57,31 +57,24 @@ def _walk(data: bytes, descriptor: Descriptor, prefix: str) -> str | None:
     pos = 0
     while pos < len(data):
         key, pos = _varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:  # varint
-            _, pos = _varint(data, pos)
-        elif wire_type == 1:  # fixed64
-            pos += 8
-        elif wire_type == 5:  # fixed32
-            pos += 4
-        elif wire_type == 2:  # length-delimited: string, bytes, message, packed repeated
-            size, pos = _varint(data, pos)
-            chunk, pos = data[pos:pos + size], pos + size
-            field = descriptor.fields_by_number.get(number)
-            if field is None:
-                continue
-            name = prefix + field.name
-            if field.type == FieldDescriptor.TYPE_STRING:
-                try:
-                    chunk.decode("utf-8")
-                except UnicodeDecodeError:
-                    return name
-            elif field.type == FieldDescriptor.TYPE_MESSAGE:
-                found = _walk(chunk, field.message_type, name + ".")
-                if found is not None:
-                    return found
-        else:  # groups (deprecated) or garbage
-            return None
+        if key & 7 != 2:  # not length-delimited: no string inside
+            pos = _skip(data, pos, key & 7)
+            continue
+        size, pos = _varint(data, pos)  # string, bytes, message or packed repeated
+        chunk, pos = data[pos:pos + size], pos + size
+        field = descriptor.fields_by_number.get(key >> 3)
+        if field is None:
+            continue
+        name = prefix + field.name
+        if field.type == FieldDescriptor.TYPE_STRING:
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError:
+                return name
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            found = _walk(chunk, field.message_type, name + ".")
+            if found is not None:
+                return found
     return None
 
 

@@ -119,21 +119,19 @@ def model_card(cfg: ModelConfig, r: dict[str, Any]) -> str:
     """The model directory's README.md."""
     c, t, h, p = r["corpus"], r["train"], r["held_out"], r["parameters"]
     hours = r["train_seconds"] / 3600
-    kind, layer_kind, grouping = {
+    # Per preset: what the model is, its MoE layers, how held-out loss is routed, the routing line.
+    kind, layer_kind, grouping, routing = {
         "ec": ("expert-choice", "expert-choice",
                f"under the training grouping (`ec` routing, groups of {t['group_size']} tokens "
-               f"at one position of\n{t['group_size']} sequences)"),
+               f"at one position of\n{t['group_size']} sequences)",
+               f"- Served routing: `{cfg.routing.policy}` (routing.group_size "
+               f"{cfg.routing.group_size}); the\n  `threshold` policy's per-expert thresholds "
+               "are stored (`layers.N.moe.threshold`).\n"),
         "top2": ("token-choice top-2 MoE", "token-choice top-2",
-                 "under top-2 token-choice routing, as trained"),
-        "dense": ("dense", "", "as trained"),
-    }[r["preset"]]
-    routing = {
-        "ec": f"- Served routing: `{cfg.routing.policy}` (routing.group_size "
-              f"{cfg.routing.group_size}); the\n  `threshold` policy's per-expert thresholds "
-              "are stored (`layers.N.moe.threshold`).\n",
-        "top2": "- Routing: `token_choice`, top-2, renormalised (trained with a load-balancing "
-                "loss).\n",
-        "dense": "",
+                 "under top-2 token-choice routing, as trained",
+                 "- Routing: `token_choice`, top-2, renormalised (trained with a load-balancing "
+                 "loss).\n"),
+        "dense": ("dense", "", "as trained", ""),
     }[r["preset"]]
     stored = (f"- Weights stored in {r['storage_dtype']}, run in {cfg.dtype} unless `--dtype` "
               "says otherwise.")
