@@ -25,6 +25,7 @@ step).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -98,8 +99,6 @@ def validation_windows(model_dir: Path, count: int, length: int) -> tuple[torch.
     docs, _ = corpus.read_stdlib(corpus.stdlib_dir())
     valid = corpus.split_documents(docs, "valid", c["valid_per_mille"])
     data = "".join(json.dumps(asdict(d), ensure_ascii=False) + "\n" for d in valid).encode()
-    import hashlib
-
     if hashlib.sha256(data).hexdigest() != c["sha256"]["valid"]:
         print(f"WARNING: this interpreter's stdlib is not the model's corpus ({c['python']}); "
               "scoring its validation split anyway", file=sys.stderr)
@@ -164,14 +163,17 @@ def score(model_dir: Path, p: Policy, scope: str, live: int, ids: torch.Tensor,
     return row
 
 
-def decode_speed(model_dir: Path, p: Policy, scope: str, live: int, prompts: torch.Tensor,
-                 steps: int = 32) -> float:
-    """Tokens/s of `live` sequences decoding together: live / median pure-decode step time."""
-    # A budget for every prompt at once, so all of them then decode in lock-step.
-    budget = max(64, live * (1 + prompts.shape[1]))
-    engine = Engine(model_dir, engine_config(p, live, prompts.shape[1] + steps,
-                                             max_num_batched_tokens=budget))
-    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+def lockstep_budget(live: int, prompt_len: int) -> int:
+    """max_num_batched_tokens that prefills every prompt in one step, so all then decode in
+    lock-step."""
+    return max(64, live * (1 + prompt_len))
+
+
+def pure_decode_step_times(engine: Engine, prompts: torch.Tensor, live: int, new_tokens: int,
+                           scope: str | None = None) -> list[float]:
+    """Run `live` sequences (prompts cycled) for `new_tokens`; the seconds of each step in
+    which every one of them decoded one token (the prefill step left out)."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     for i in range(live):
         engine.add_request(Request(f"d{i}", tuple(prompts[i % len(prompts)].tolist()), params,
                                    routing_scope=scope))
@@ -182,7 +184,17 @@ def decode_speed(model_dir: Path, p: Policy, scope: str, live: int, prompts: tor
         plan = engine.last_stats.plan if engine.last_stats else None
         if plan and len(plan.chunks) == live and all(len(c.token_ids) == 1 for c in plan.chunks):
             times.append(time.perf_counter() - t0)
-    return live / statistics.median(times)
+    return times
+
+
+def decode_speed(model_dir: Path, p: Policy, scope: str, live: int, prompts: torch.Tensor,
+                 steps: int = 32) -> float:
+    """Tokens/s of `live` sequences decoding together: live / median pure-decode step time."""
+    engine = Engine(model_dir, engine_config(
+        p, live, prompts.shape[1] + steps,
+        max_num_batched_tokens=lockstep_budget(live, prompts.shape[1])))
+    return live / statistics.median(pure_decode_step_times(engine, prompts, live, steps + 1,
+                                                           scope))
 
 
 def policies(num_experts: int, capacity_factor: float) -> list[Policy]:

@@ -22,38 +22,32 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode_policies import Policy, cpu_name, score, validation_windows
+from bench_decode_policies import (
+    Policy,
+    cpu_name,
+    lockstep_budget,
+    pure_decode_step_times,
+    score,
+    validation_windows,
+)
 
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
 from ecserve.model.weights import read_config
 from ecserve.train import bpe
-from ecserve.types import Request, SamplingParams
 
 
 def decode_step_times(model_dir: Path, streams: int, prompts: torch.Tensor,
                       new_tokens: int = 64) -> list[float]:
     engine = Engine(model_dir, EngineConfig(
         device="cpu", dtype="float32", max_num_seqs=streams, expert_timing_every=0,
-        max_num_batched_tokens=max(64, streams * (1 + prompts.shape[1]))))  # prefill at once
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    for i in range(streams):
-        engine.add_request(Request(f"s{i}", tuple(prompts[i % len(prompts)].tolist()), params))
-    times = []
-    while engine.has_unfinished():
-        t0 = time.perf_counter()
-        engine.step()
-        plan = engine.last_stats.plan if engine.last_stats else None
-        if plan and len(plan.chunks) == streams and all(len(c.token_ids) == 1
-                                                        for c in plan.chunks):
-            times.append(time.perf_counter() - t0)
-    return times
+        max_num_batched_tokens=lockstep_budget(streams, prompts.shape[1])))
+    return pure_decode_step_times(engine, prompts, streams, new_tokens)
 
 
 def median_train_tok_s(record: dict) -> float:
