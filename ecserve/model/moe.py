@@ -124,6 +124,14 @@ class MoELayer(nn.Module):
 
             return ecserve_kernels.expert_mlp(x, idx, gate.float(), self.w_gate, self.w_up,
                                               self.w_down, self.activation, "deterministic")
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return self._combine_filled(x, idx, gate)
+        return self._combine_batched(x, idx, gate)
+
+    def _combine_batched(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor
+                         ) -> torch.Tensor:
+        """combine() over the whole [E, K] layout as three batched GEMMs: static shapes (CUDA
+        graphs, compiled training); empty slots compute a row of zero weight."""
         xs = x[idx.clamp(min=0)]  # [E, K, d]: gathered token rows (empty slots read token 0)
         h = self.act(torch.bmm(xs, self.w_gate.transpose(1, 2)))  # [E, K, f]
         h.mul_(torch.bmm(xs, self.w_up.transpose(1, 2)))
@@ -135,6 +143,34 @@ class MoELayer(nn.Module):
         # Empty slots add their zero rows to token 0, which changes no bit of its sum.
         y.index_add_(0, idx.clamp(min=0).flatten(), out.flatten(0, 1))
         return y
+
+    def _combine_filled(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor
+                        ) -> torch.Tensor:
+        """combine() on a CPU: only the filled slots, each expert's weights read once.
+
+        A decode step is memory-bound, and the batched [E, K] layout streams every expert's
+        weights even where an expert holds no token (token choice and `capped` at small
+        batch, empty `ec` slots). Data-dependent shapes are free on a CPU; the GPU path keeps
+        the static layout its CUDA graphs need, and compiled training keeps the one bmm.
+        """
+        filled = idx >= 0  # [E, K]
+        counts = filled.sum(dim=1).tolist()  # [E]: tokens each expert holds
+        pos = filled.flatten().nonzero().squeeze(1)  # expert-major: ascending expert order
+        tok = idx.flatten()[pos]  # [S]
+        xs = x[tok]  # [S, d]
+        out = torch.empty(tok.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                rows = xs[start:start + count]  # [k_e, d]
+                h = self.act(F.linear(rows, self.w_gate[e])) * F.linear(rows, self.w_up[e])
+                out[start:start + count] = F.linear(h, self.w_down[e])  # [k_e, d] as float32
+                start += count
+        out.mul_(gate.flatten()[pos, None])
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        # One token appears at most once per expert, so each token's sum runs in ascending
+        # expert order, as the spec's is (CPU index_add_ follows the source order).
+        return y.index_add_(0, tok, out)
 
     @torch.no_grad()
     def time_experts(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
