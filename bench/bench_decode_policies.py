@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -170,9 +171,11 @@ def lockstep_budget(live: int, prompt_len: int) -> int:
 
 
 def pure_decode_step_times(engine: Engine, prompts: torch.Tensor, live: int, new_tokens: int,
-                           scope: str | None = None) -> list[float]:
+                           scope: str | None = None,
+                           on_step: Callable[[], None] | None = None) -> list[float]:
     """Run `live` sequences (prompts cycled) for `new_tokens`; the seconds of each step in
-    which every one of them decoded one token (the prefill step left out)."""
+    which every one of them decoded one token (the prefill step left out). on_step runs after
+    each such step, outside its time."""
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     for i in range(live):
         engine.add_request(Request(f"d{i}", tuple(prompts[i % len(prompts)].tolist()), params,
@@ -184,6 +187,8 @@ def pure_decode_step_times(engine: Engine, prompts: torch.Tensor, live: int, new
         plan = engine.last_stats.plan if engine.last_stats else None
         if plan and len(plan.chunks) == live and all(len(c.token_ids) == 1 for c in plan.chunks):
             times.append(time.perf_counter() - t0)
+            if on_step is not None:
+                on_step()
     return times
 
 
