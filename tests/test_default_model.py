@@ -11,7 +11,8 @@ from conftest import tiny_config
 
 from ecserve.config import EngineConfig, ModelConfig
 from ecserve.model import default
-from ecserve.model.weights import expected_tensors, load_model, load_state_dict, read_config
+from ecserve.model.checkpoint import expected_tensors
+from ecserve.model.weights import load_model, load_state_dict, read_config
 from ecserve.train import bpe, recipe
 
 CFG = default.RANDOM_CONFIG

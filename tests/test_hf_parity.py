@@ -16,7 +16,8 @@ from hf_models import BOS, EOS, TYPES, build, byte_tokenizer
 
 from ecserve.config import ConfigError, EngineConfig
 from ecserve.engine.engine import Engine
-from ecserve.model.weights import CheckpointError, load_state_dict, read_config
+from ecserve.model.checkpoint import CheckpointError
+from ecserve.model.weights import load_state_dict, read_config
 from ecserve.types import Request, SamplingParams
 
 ATOL = 1e-4

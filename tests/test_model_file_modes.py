@@ -11,7 +11,8 @@ from conftest import tiny_config
 
 from ecserve.config import ModelConfig
 from ecserve.model import default
-from ecserve.model.weights import CONFIG_FILE, WEIGHTS_FILE, load_state_dict, read_config
+from ecserve.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ecserve.model.weights import load_state_dict, read_config
 from ecserve.tokenizer import load_tokenizer
 
 TINY = ModelConfig.from_dict(tiny_config())

@@ -15,8 +15,9 @@ from test_engine_vs_recompute import ENGINE, run_staggered
 
 from ecserve.config import ConfigError, EngineConfig
 from ecserve.engine.engine import Engine
+from ecserve.model.checkpoint import CheckpointError
 from ecserve.model.default import init_weights
-from ecserve.model.weights import CheckpointError, read_config, save_model
+from ecserve.model.weights import read_config, save_model
 from ecserve.types import Request, SamplingParams
 
 

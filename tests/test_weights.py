@@ -13,15 +13,9 @@ from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
 from ecserve.config import ConfigError, ModelConfig
+from ecserve.model.checkpoint import CheckpointError, expected_tensors
 from ecserve.model.default import init_weights
-from ecserve.model.weights import (
-    CheckpointError,
-    expected_tensors,
-    load_model,
-    load_state_dict,
-    read_config,
-    save_model,
-)
+from ecserve.model.weights import load_model, load_state_dict, read_config, save_model
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

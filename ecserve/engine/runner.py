@@ -133,6 +133,16 @@ class ModelRunner:
             logits, stats = self.model(batch, self.kv)
             return logits.cpu(), stats
 
+    def held_experts(self) -> int:
+        """Experts whose weights this process holds, over all MoE layers (under expert
+        parallelism, this rank's share)."""
+        return sum(b.moe.w_gate.shape[0] for b in self.model.layers if b.moe is not None)
+
+    def expert_traffic(self) -> dict[int, tuple[torch.Tensor, int]]:
+        """MoE layer -> (int64 [W, W] token rows sent rank src -> dst so far, calls so far);
+        empty on one device, where no row crosses (the expert-parallel runner fills it)."""
+        return {}
+
     def on_device(self) -> contextlib.AbstractContextManager[Any]:
         """Make the runner's GPU current (Triton launches and graph captures use the current
         device, which is per thread; steps may run on a worker thread)."""

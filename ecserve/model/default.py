@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ecserve.config import ModelConfig, RoutingConfig
-from ecserve.model.weights import CONFIG_FILE, expected_tensors, save_model
+from ecserve.model.checkpoint import CONFIG_FILE, expected_tensors
+from ecserve.model.weights import save_model
 
 PACKAGED = Path(__file__).resolve().parent.parent / "default_model"
 RANDOM_SEED = 2022

@@ -12,16 +12,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ecserve.config import ConfigError, ModelConfig
+from ecserve.model.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    expected_tensors,
+    open_safetensors,
+    tensor_files,
+    tensor_problem,
+)
 from ecserve.model.transformer import Transformer
 from ecserve.readable import check_readable
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # MoELayer's stacked expert tensors [E, ...]
 
@@ -51,10 +56,6 @@ def expert_rows(cfg: ModelConfig, experts: ExpertFilter | None) -> dict[str, lis
     return rows
 
 
-class CheckpointError(ValueError):
-    """A checkpoint's files do not match what its config describes; the message says how."""
-
-
 def read_config(model_dir: str | os.PathLike) -> ModelConfig:
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
@@ -73,13 +74,6 @@ def read_config(model_dir: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
-
-
-def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name the architecture needs, with its shape."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def threshold_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -113,42 +107,6 @@ def threshold_problems(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> l
     return problems
 
 
-def _open(path: Path):
-    """safe_open, with a corrupt or truncated file reported as a CheckpointError naming it."""
-    check_readable(path)
-    try:
-        return safe_open(path, framework="pt")
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-
-
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    """Map each stored tensor name to the file holding it."""
-    single, index = model_dir / WEIGHTS_FILE, model_dir / INDEX_FILE
-    if index.is_file():
-        check_readable(index)
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e})") from e
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) for v in weight_map.values()
-        ):
-            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
-        files = {name: model_dir / shard for name, shard in weight_map.items()}
-        absent = sorted({str(p) for p in files.values() if not p.is_file()})
-        if absent:
-            raise CheckpointError(f"{index} names missing shard file(s): {', '.join(absent)}")
-        return files
-    if single.is_file():
-        with _open(single) as f:
-            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    raise CheckpointError(
-        f"{model_dir}: no weights: expected {WEIGHTS_FILE} or {INDEX_FILE} with shards "
-        "(safetensors only; pickle formats are not loaded)"
-    )
-
-
 def _read_rows(f, name: str, rows: list[int]) -> torch.Tensor:
     """Only `rows` of a stored tensor's dim 0, read as slices of contiguous runs."""
     sl = f.get_slice(name)
@@ -179,7 +137,7 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig,
         for name, keep in rows.items():
             state[name] = state[name][keep].clone()
         return state
-    files = _tensor_files(model_dir)
+    files = tensor_files(model_dir)
     expected = expected_tensors(cfg)
     optional = threshold_tensors(cfg)
     problems = []
@@ -194,7 +152,7 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig,
     for name in (expected.keys() | optional.keys()) & files.keys():
         by_file.setdefault(files[name], []).append(name)
     for path, names in by_file.items():
-        with _open(path) as f:
+        with open_safetensors(path) as f:
             stored = set(f.keys())
             for name in sorted(names):
                 if name not in stored:
@@ -220,15 +178,6 @@ def load_state_dict(model_dir: str | os.PathLike, cfg: ModelConfig,
     if problems:
         raise CheckpointError(f"{model_dir}: " + "; ".join(problems))
     return state
-
-
-def tensor_problem(label: str, t: torch.Tensor, shape: tuple[int, ...] | None) -> str | None:
-    """What is wrong with a loaded tensor, or None (shape None: checked before reading)."""
-    if shape is not None and tuple(t.shape) != shape:
-        return f"{label}: shape {list(t.shape)}, expected {list(shape)}"
-    if not t.is_floating_point():
-        return f"{label}: dtype {t.dtype}, expected a floating-point tensor"
-    return None
 
 
 def load_model(

@@ -20,7 +20,12 @@ import torch.distributed as dist
 import ecserve
 from ecserve.engine.runner import ModelRunner, RunnerLost
 from ecserve.parallel.group import ParallelGroup, destroy_group, free_port, init_group
-from ecserve.parallel.moe_ep import default_placement, executable_placement, shard_experts
+from ecserve.parallel.moe_ep import (
+    default_placement,
+    executable_placement,
+    shard_experts,
+    traffic,
+)
 from ecserve.placement.plan import Placement
 from ecserve.types import MoEStats, StepPlan
 
@@ -71,6 +76,9 @@ class DriverRunner(ModelRunner):
             # another step, so fail fast rather than hang until the group timeout.
             self.lost = f"expert-parallel step failed: {type(exc).__name__}: {exc}"
             raise RunnerLost(self.lost) from exc
+
+    def expert_traffic(self) -> dict[int, tuple[torch.Tensor, int]]:
+        return traffic(self.model)
 
     def close(self) -> None:
         """Tell the workers to exit (once; a lost group cannot be told anything)."""

@@ -22,7 +22,7 @@ def bytes_per_expert(cfg: ModelConfig, dtype: str | None = None) -> int:
 
 def dense_bytes(cfg: ModelConfig, dtype: str | None = None) -> int:
     """The weights every device holds: everything but the routed experts."""
-    from ecserve.model.weights import expected_tensors  # builds the model on "meta": no memory
+    from ecserve.model.checkpoint import expected_tensors  # the model on "meta": no memory
 
     total = sum(math.prod(shape) for shape in expected_tensors(cfg).values())
     experts = len(cfg.moe_layers or ()) * cfg.num_experts * 3 * cfg.hidden_size \

@@ -90,14 +90,10 @@ class Server:
         """After the warm-up, so its generation is not counted."""
         if not self.cfg.metrics:
             return
-        from ecserve.parallel.moe_ep import traffic  # empty unless expert-parallel
-
-        model = engine.runner.model
-        held = sum(block.moe.w_gate.shape[0] for block in model.layers
-                   if block.moe is not None)  # this rank's share under expert parallelism
-        exchange = (lambda: traffic(model)) if traffic(model) else None
+        runner = engine.runner
+        exchange = runner.expert_traffic if runner.expert_traffic() else None
         self.metrics = Metrics(engine.model_cfg, str(engine.device), self.cfg.expert_metrics,
-                               held, exchange)
+                               runner.held_experts(), exchange)
         host = self.cfg.metrics_host or self.cfg.host
         self._metrics_http, _ = self.metrics.serve(host, self.cfg.metrics_port)
         self.metrics_port = self._metrics_http.server_port

@@ -17,11 +17,11 @@ from typing import NamedTuple
 import torch
 
 from ecserve.config import ModelConfig
-from ecserve.model.weights import (
+from ecserve.model.checkpoint import (
     CheckpointError,
-    _open,
-    _tensor_files,
     expected_tensors,
+    open_safetensors,
+    tensor_files,
     tensor_problem,
 )
 
@@ -122,7 +122,7 @@ def _build(src: Source, read) -> torch.Tensor:
 def load_hf_state_dict(model_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Read a Hugging Face MoE checkpoint into ecserve's tensor names, checked."""
     model_dir = Path(model_dir)
-    files = _tensor_files(model_dir)
+    files = tensor_files(model_dir)
     sources = hf_sources(cfg, files)
     expected = expected_tensors(cfg)
     used = {n for src in sources.values() for n in src.names}
@@ -145,7 +145,7 @@ def load_hf_state_dict(model_dir: str | Path, cfg: ModelConfig) -> dict[str, tor
         def read(name: str) -> torch.Tensor:
             path = files[name]
             if path not in handles:
-                handles[path] = stack.enter_context(_open(path))
+                handles[path] = stack.enter_context(open_safetensors(path))
             try:
                 return handles[path].get_tensor(name)  # type: ignore[attr-defined]
             except Exception as e:  # a name the index lists but the shard lacks
