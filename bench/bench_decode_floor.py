@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_decode_policies import cpu_name, lockstep_budget, pure_decode_step_times
+from bench_decode_policies import cpu_name, lockstep_budget, openmp_env, pure_decode_step_times
 from bench_vs_transformers import SIZE
 from hf_models import build  # tests/hf_models.py: tiny HF checkpoints
 
@@ -155,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                 for m in a.models.split(",") for dt in a.dtypes.split(",")
                 for b in map(int, a.batches.split(","))]
     setup = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-             "python": platform.python_version(), "prompt_tokens": PROMPT, "steps": a.steps}
-    print(f"{setup['cpu']}, {setup['threads']} threads, torch {setup['torch']}; "
+             "python": platform.python_version(), "openmp": openmp_env(),
+             "prompt_tokens": PROMPT, "steps": a.steps}
+    print(f"{setup['cpu']}, {setup['threads']} threads ({setup['openmp'] or 'OpenMP defaults'}), "
+          f"torch {setup['torch']}; "
           f"{PROMPT}-token prompts, median of {a.steps} lock-step decode steps")
     print(f"{'model':<14}{'dtype':<10}{'B':>4}{'step ms':>10}{'floor ms':>10}{'step/floor':>12}"
           f"{'tok/s':>9}{'experts':>9}{'MB/step':>9}{'GB/s':>7}")

@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -207,6 +208,12 @@ def policies(num_experts: int, capacity_factor: float) -> list[Policy]:
             Policy("capped b=2", "capped", 2), Policy("capped b=1", "capped", 1),
             Policy("threshold", "threshold"),
             Policy(f"token choice top-{math.ceil(capacity_factor)}", "token_choice")]
+
+
+def openmp_env() -> str:
+    """The OpenMP settings a CPU timing depends on (README, "CPU servers and OpenMP")."""
+    return " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+                                                    "GOMP_SPINCOUNT") if k in os.environ)
 
 
 def cpu_name() -> str:

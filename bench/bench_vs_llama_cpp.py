@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_decode_policies import cpu_name
+from bench_decode_policies import cpu_name, openmp_env
 from bench_vs_transformers import SIZE
 from gguf_mixtral import write_gguf
 from hf_models import build  # tests/hf_models.py: tiny HF checkpoints
@@ -190,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         ratios[w] = {"same_precision": same, "each_fastest": best_ours / best_theirs}
     setup = {"cpu": cpu_name(), "threads": threads, "torch": torch.__version__,
              "llama_cpp_python": llama_cpp_version(), "python": platform.python_version(),
+             "openmp": openmp_env(),
              "prompt_tokens": PROMPT, "new_tokens": a.new_tokens, "rounds": a.rounds,
              "model": SIZE}
-    print(f"{setup['cpu']}, {threads} threads, torch {setup['torch']}, llama-cpp-python "
+    print(f"{setup['cpu']}, {threads} threads ({setup['openmp'] or 'OpenMP defaults'}), "
+          f"torch {setup['torch']}, llama-cpp-python "
           f"{setup['llama_cpp_python']}; {PROMPT}-token prompts, {a.new_tokens} new tokens, "
           f"greedy, median of {a.rounds} rounds")
     print(f"{'workload':<13}{'engine':<11}{'precision':<36}{'tok/s':>8}")
