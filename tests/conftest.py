@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run only in Triton's interpreter, which must be chosen before
+# any kernel is defined: here, before a test module imports ecserve_kernels, whatever the order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ecserve.config import ModelConfig
 from ecserve.model.default import init_weights, write_model
