@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -76,6 +80,16 @@ def health(address: str, service: str = "") -> str:
             return c.health(service)
         except grpc.RpcError as e:
             return e.code().name
+
+
+def serve_process(log_path: Path, *args: str, new_session: bool = False
+                  ) -> subprocess.Popen[bytes]:
+    """`python -m ecserve serve ARGS` in the background, its unbuffered output in log_path;
+    new_session: in a process group of its own (to signal the whole group)."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "ecserve", "serve", *args], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=new_session,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -361,7 +361,7 @@ def test_a_signal_to_the_whole_process_group_drains_like_one_process(make_model,
     import os
     import signal
 
-    from serving import BackgroundStream, health, wait_for
+    from serving import BackgroundStream, health, serve_process, wait_for
 
     from ecserve.parallel.group import free_port
 
@@ -369,12 +369,9 @@ def test_a_signal_to_the_whole_process_group_drains_like_one_process(make_model,
     port = free_port()
     address = f"127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--port",
-             str(port), "--no-metrics", "--device", "cpu", "--expert-parallel", "2",
-             "--grace-period", "60"], stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = serve_process(log_path, "--model", str(model), "--port", str(port), "--no-metrics",
+                         "--device", "cpu", "--expert-parallel", "2", "--grace-period", "60",
+                         new_session=True)
     try:
         wait_for(lambda: health(address) == "SERVING", 90, f"SERVING:\n{log_path.read_text()}")
         stream = BackgroundStream(address, "group", 200)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving import BackgroundStream, ServerThread, health, wait_for
+from serving import BackgroundStream, ServerThread, health, serve_process, wait_for
 
 from ecserve.client import Client, build_request
 from ecserve.config import EngineConfig
@@ -225,13 +225,10 @@ def test_sigterm_drains_the_server_process(make_model, tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
     grace = 20
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--host",
-             "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--device", "cpu",
-             "--grace-period", str(grace)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = serve_process(log_path, "--model", str(model), "--host", "127.0.0.1", "--port",
+                         str(port), "--metrics-port", "0", "--device", "cpu", "--grace-period",
+                         str(grace))
 
     def log_text() -> str:
         return log_path.read_text()
@@ -363,11 +360,8 @@ def test_a_second_signal_ends_the_drain_at_once(make_model, tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--port",
-             str(port), "--no-metrics", "--device", "cpu", "--grace-period", "120"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = serve_process(log_path, "--model", str(model), "--port", str(port), "--no-metrics",
+                         "--device", "cpu", "--grace-period", "120")
     try:
         wait_for(lambda: health(address) == "SERVING", 60, "SERVING")
         stream = BackgroundStream(address, "twice", 4000)

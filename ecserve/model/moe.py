@@ -161,16 +161,19 @@ class MoELayer(nn.Module):
         out = torch.empty(tok.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         start = 0
         for e, count in enumerate(counts):
-            if count:
-                rows = xs[start:start + count]  # [k_e, d]
-                h = self.act(F.linear(rows, self.w_gate[e])) * F.linear(rows, self.w_up[e])
-                out[start:start + count] = F.linear(h, self.w_down[e])  # [k_e, d] as float32
+            if count:  # [k_e, d] rows, written as float32
+                out[start:start + count] = self.expert_glu(e, xs[start:start + count])
                 start += count
         out.mul_(gate.flatten()[pos, None])
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         # One token appears at most once per expert, so each token's sum runs in ascending
         # expert order, as the spec's is (CPU index_add_ follows the source order).
         return y.index_add_(0, tok, out)
+
+    def expert_glu(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """GLU of the e-th expert this layer holds on its token rows: [k, d] -> [k, d]."""
+        h = self.act(F.linear(rows, self.w_gate[e])) * F.linear(rows, self.w_up[e])  # [k, f]
+        return F.linear(h, self.w_down[e])
 
     @torch.no_grad()
     def time_experts(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -189,8 +192,7 @@ class MoELayer(nn.Module):
                     enable_timing=True)
                 start.record()
             t0 = time.perf_counter()
-            h = self.act(xs @ self.w_gate[e].T) * (xs @ self.w_up[e].T)
-            _ = h @ self.w_down[e].T
+            self.expert_glu(e, xs)
             if cuda:
                 end.record()
                 end.synchronize()

@@ -133,9 +133,7 @@ class ExpertParallelCombine:
             sel = (ids == e).nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
-            rows = xs[sel]
-            h = layer.act(rows @ layer.w_gate[le].T) * (rows @ layer.w_up[le].T)
-            out[sel] = h @ layer.w_down[le].T
+            out[sel] = layer.expert_glu(le, xs[sel])
         return out
 
     def all_gather(self, y_home: torch.Tensor, n: int) -> torch.Tensor:
