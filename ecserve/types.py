@@ -174,6 +174,8 @@ class StepStats:
     kv_blocks_total: int = 0
     graphed: bool = False  # the step replayed a captured decode graph
     decode_graphs: int = 0  # decode graphs held after the step
+    num_tokens: int = 0  # tokens the step ran (plan.num_tokens; kept when the plan is not)
+    admitted: tuple[str, ...] = ()  # requests admitted (KV blocks reserved) for this step
 
 
 @dataclass(frozen=True)

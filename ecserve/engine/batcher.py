@@ -8,21 +8,22 @@ from collections import deque
 from ecserve.config import PER_TOKEN_POLICIES, EngineConfig, RoutingConfig
 from ecserve.engine.grouping import batch_group_sizes, sequence_group_sizes
 from ecserve.engine.kv_cache import BlockManager
+from ecserve.engine.limits import QueueFullError, RequestLimits
 from ecserve.engine.sequence import SeqStatus, Sequence
 from ecserve.types import ScheduledChunk, StepPlan
 
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound; the caller should retry later."""
+__all__ = ["Batcher", "QueueFullError"]
 
 
 class Batcher:
     """Owns the waiting queue and the running set; decides each step's tokens and groups."""
 
     def __init__(
-        self, cfg: EngineConfig, routing: RoutingConfig, num_experts: int, blocks: BlockManager
+        self, cfg: EngineConfig, routing: RoutingConfig, num_experts: int, blocks: BlockManager,
+        limits: RequestLimits,
     ) -> None:
         self.cfg = cfg
+        self.limits = limits
         self.group_size = routing.group_size
         # token_choice and threshold route every token on its own: any cut fills every slot.
         self.unit = 1 if routing.policy in PER_TOKEN_POLICIES else routing.group_unit(num_experts)
@@ -30,13 +31,11 @@ class Batcher:
         self.waiting: deque[Sequence] = deque()
         self.waiting_tokens = 0  # prompt tokens of the waiting requests
         self.running: list[Sequence] = []  # in arrival order
+        self.admitted: list[str] = []  # ids admitted since the engine last took them
 
     def check_room(self, num_requests: int, num_tokens: int) -> None:
         """Raise QueueFullError unless the waiting queue takes this many more requests/tokens."""
-        if len(self.waiting) + num_requests > self.cfg.max_waiting:
-            raise QueueFullError(
-                f"waiting queue full ({self.cfg.max_waiting} requests); retry later"
-            )
+        self.limits.check_room(len(self.waiting), self.waiting_tokens, num_requests, num_tokens)
         if self.waiting_tokens + num_tokens > self.cfg.max_waiting_tokens:
             raise QueueFullError(
                 f"waiting queue full ({self.waiting_tokens} of {self.cfg.max_waiting_tokens} "
@@ -107,6 +106,7 @@ class Batcher:
             seq.status = SeqStatus.RUNNING
             seq.admitted_time = time.monotonic()
             self.running.append(seq)
+            self.admitted.append(seq.request_id)
 
     def _prefill_len(self, seq: Sequence, budget: int) -> int:
         cap = self.cfg.max_prefill_chunk

@@ -15,9 +15,10 @@ from typing import Protocol
 
 import torch
 
-from ecserve.config import SCOPES, ConfigError, EngineConfig, ModelConfig
+from ecserve.config import ConfigError, EngineConfig, ModelConfig
 from ecserve.engine.batcher import Batcher
 from ecserve.engine.kv_cache import BlockManager
+from ecserve.engine.limits import RequestError, RequestLimits
 from ecserve.engine.output import append_token, end_without_token
 from ecserve.engine.runner import (
     ModelRunner,
@@ -28,10 +29,10 @@ from ecserve.engine.runner import (
 )
 from ecserve.engine.sampler import sample, token_logprobs
 from ecserve.engine.sequence import Sequence
-from ecserve.engine.stop import StopMatcher
+from ecserve.engine.text import TextStage
 from ecserve.model.default import default_model_dir
 from ecserve.model.weights import TORCH_DTYPES, ExpertFilter, load_model, read_config
-from ecserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+from ecserve.tokenizer import load_tokenizer
 from ecserve.types import (
     FinishReason,
     MoEStats,
@@ -43,9 +44,7 @@ from ecserve.types import (
 )
 
 log = logging.getLogger(__name__)
-
-class RequestError(ValueError):
-    """A request the engine cannot serve as given; the message names the field."""
+__all__ = ["Engine", "EngineObserver", "RequestError", "StepRecord"]
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,12 @@ class EngineObserver(Protocol):
 
 class Engine:
     def __init__(self, model_dir: str | Path | None = None, cfg: EngineConfig | None = None,
-                 *, experts: ExpertFilter | None = None):
+                 *, experts: ExpertFilter | None = None, detokenize: bool = True):
         """experts (expert parallelism): load only these experts of each MoE layer
         (ecserve.model.weights.ExpertFilter); the model then needs
-        ecserve.parallel.moe_ep.shard_experts before its first step."""
+        ecserve.parallel.moe_ep.shard_experts before its first step.
+        detokenize: events carry text and stop sequences end requests (ecserve.engine.text);
+        False for an engine core whose caller runs the text stage itself."""
         self.cfg = cfg = cfg or EngineConfig()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.model_name = self.model_dir.name if model_dir is not None else "default"
@@ -110,7 +111,10 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, cfg.block_size,
                                   resolve_kernels(cfg.kernels, device),
                                   table_width=-(-self.max_model_len // cfg.block_size))
-        self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks)
+        self.limits = RequestLimits(mc.vocab_size, self.max_model_len, cfg.max_waiting,
+                                    cfg.max_waiting_tokens, cfg.block_size, num_blocks)
+        self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks, self.limits)
+        self.text = TextStage(self.tokenizer) if detokenize else None
         if cfg.cuda_graphs and device.type == "cuda" and experts is None:
             self._start_decode_graphs()
         self.seqs: dict[str, Sequence] = {}
@@ -179,56 +183,31 @@ class Engine:
             scope=request.routing_scope or self.model_cfg.routing.scope,
             seed=seed,
             generator=torch.Generator().manual_seed(seed),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids),
-            stops=StopMatcher(p.stop_sequences, p.include_stop_sequence),
             arrival_time=arrival,
             deadline=None if p.time_limit is None else arrival + p.time_limit,
         )
         self.batcher.add(seq)
         self._arrivals += 1
         self.seqs[request.request_id] = seq
+        if self.text is not None:
+            self.text.add(request)
 
     def validate(self, r: Request) -> None:
         """Raise RequestError naming the field if the engine cannot serve `r` as given."""
-        vocab, p = self.model_cfg.vocab_size, r.params
         if r.request_id in self.seqs:
             raise RequestError(f"request_id {r.request_id!r} is already in use")
-        if not r.prompt_token_ids:
-            raise RequestError("prompt: empty (a prompt needs at least one token)")
-        if len(r.prompt_token_ids) > self.cfg.max_waiting_tokens:
-            raise RequestError(f"prompt: {len(r.prompt_token_ids)} tokens is more than the queue "
-                               f"takes (max_waiting_tokens={self.cfg.max_waiting_tokens})")
-        bad = [t for t in r.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-        bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"stop_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
-        for name in ("logprobs", "prompt_logprobs"):
-            if (n := getattr(p, name)) is not None and n > vocab:
-                raise RequestError(f"{name}: {n} alternatives asked, the vocabulary has {vocab}")
-        if r.routing_scope is not None and r.routing_scope not in SCOPES:
-            raise RequestError(f"routing_scope: {r.routing_scope!r} is not one of "
-                               f"{', '.join(SCOPES)}")
-        total = len(r.prompt_token_ids) + p.max_new_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                f"prompt ({len(r.prompt_token_ids)} tokens) + max_new_tokens ({p.max_new_tokens})"
-                f" = {total} exceeds the context of {self.max_model_len} tokens"
-            )
-        need = self.blocks.blocks_for(total - 1)
-        if need > self.blocks.num_blocks:
-            raise RequestError(
-                f"prompt + max_new_tokens needs {need} KV blocks but the whole cache has "
-                f"{self.blocks.num_blocks}; lower max_new_tokens or raise the KV cache budget"
-            )
+        self.limits.validate(r)
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its blocks; False if it is unknown or already done."""
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORTED) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or already done.
+        `reason` is what the metrics count it as (STOP_SEQUENCE: a front end's text stage
+        found one)."""
         seq = self.seqs.get(request_id)
         if seq is None:
             return False
-        seq.finish_reason = FinishReason.ABORTED
+        if self.text is not None:
+            self.text.drop(request_id)
+        seq.finish_reason = reason
         self._remove(seq)
         return True
 
@@ -264,8 +243,8 @@ class Engine:
             return events + self._fail([self.seqs[c.request_id] for c in plan.chunks],
                                        f"{type(exc).__name__}: {exc}")
         eos = self.model_cfg.eos_token_id
-        events += [append_token(s, t, eos, lp)
-                   for s, t, lp in zip(seqs, tokens, logprobs, strict=True)]
+        events += self._texts([append_token(s, t, eos, lp)
+                               for s, t, lp in zip(seqs, tokens, logprobs, strict=True)])
         ttft, itl = self._token_times(seqs)
         for seq in seqs:
             if seq.finish_reason is not None:
@@ -305,9 +284,19 @@ class Engine:
     def _end(self, seqs: list[Sequence], reason: FinishReason, detail: str = ""
              ) -> list[TokenEvent]:
         """End `seqs` between tokens; the reason is set before the observer hears of them."""
-        events = [end_without_token(s, reason, detail) for s in seqs]
+        events = self._texts([end_without_token(s, reason, detail) for s in seqs])
         for seq in seqs:
             self._remove(seq)
+        return events
+
+    def _texts(self, events: list[TokenEvent]) -> list[TokenEvent]:
+        """The text stage, in-process: text on the events, and stop sequences end requests
+        (the caller removes finished sequences)."""
+        if self.text is None:
+            return events
+        events, stopped = self.text.process(events)
+        for rid in stopped:
+            self.seqs[rid].finish_reason = FinishReason.STOP_SEQUENCE
         return events
 
     def _token_times(self, seqs: list[Sequence]) -> tuple[list[float], list[float]]:
@@ -326,8 +315,10 @@ class Engine:
     def _step_stats(self, plan: StepPlan, moe: list[MoEStats], seconds: float,
                     ttft: list[float], itl: list[float]) -> StepStats:
         graphs = self.runner.decode_graphs
+        admitted, self.batcher.admitted = tuple(self.batcher.admitted), []
         return StepStats(
-            plan, tuple(moe), seconds, tuple(ttft), tuple(itl),
+            plan, tuple(moe), seconds, tuple(ttft), tuple(itl), num_tokens=plan.num_tokens,
+            admitted=admitted,
             num_running=len(self.batcher.running), num_waiting=len(self.batcher.waiting),
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             graphed=self.runner.last_step_graphed,

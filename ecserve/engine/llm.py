@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ecserve.config import EngineConfig
-from ecserve.engine.batcher import QueueFullError
 from ecserve.engine.engine import Engine
+from ecserve.engine.limits import QueueFullError
 from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent, TokenLogprobs
 
 

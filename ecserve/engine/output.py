@@ -1,4 +1,9 @@
-"""After sampling: append tokens, check stop conditions, detokenize, emit events."""
+"""After sampling: append tokens, check the token-level stop conditions, emit events.
+
+Events leave here without text: turning ids into text and watching for stop sequences is the
+text stage's work (ecserve/engine/text.py), which runs beside the engine in-process and in the
+front-end process when the engine core runs in its own.
+"""
 
 from __future__ import annotations
 
@@ -22,29 +27,18 @@ def finish_reason(seq: Sequence, token_id: int, eos_token_id: int | None) -> Fin
 def append_token(
     seq: Sequence, token_id: int, eos_token_id: int | None, logprobs: TokenLogprobs | None = None
 ) -> TokenEvent:
-    """Record a sampled token on its sequence and describe it as an event."""
+    """Record a sampled token on its sequence and describe it as an event (no text yet)."""
     seq.token_ids.append(token_id)
-    reason = finish_reason(seq, token_id, eos_token_id)
-    text = seq.detokenizer.add(token_id)
-    if reason is not None:
-        text += seq.detokenizer.flush()
-    can_stop = seq.num_generated >= seq.request.params.min_new_tokens
-    text, stop = seq.stops.feed(text, can_stop)
-    if stop is not None:
-        reason = FinishReason.STOP_SEQUENCE
-    elif reason is not None:
-        text += seq.stops.flush()
-    seq.finish_reason = reason
+    seq.finish_reason = finish_reason(seq, token_id, eos_token_id)
     lp, top = logprobs if logprobs is not None else (None, ())
     prompt = ()
     if seq.prompt_logprobs is not None and seq.num_generated == 1:  # the first event has them
         prompt = tuple(seq.prompt_logprobs)
-    return TokenEvent(seq.request_id, token_id, text, seq.num_generated - 1, reason,
-                      logprob=lp, top_logprobs=top, detail=stop or "", prompt_logprobs=prompt)
+    return TokenEvent(seq.request_id, token_id, "", seq.num_generated - 1, seq.finish_reason,
+                      logprob=lp, top_logprobs=top, prompt_logprobs=prompt)
 
 
 def end_without_token(seq: Sequence, reason: FinishReason, detail: str = "") -> TokenEvent:
-    """Finish `seq` between tokens (time limit, error): emit whatever text was held back."""
+    """Finish `seq` between tokens (time limit, error)."""
     seq.finish_reason = reason
-    text = seq.stops.feed(seq.detokenizer.flush(), can_stop=False)[0] + seq.stops.flush()
-    return TokenEvent(seq.request_id, None, text, seq.num_generated, reason, detail=detail)
+    return TokenEvent(seq.request_id, None, "", seq.num_generated, reason, detail=detail)

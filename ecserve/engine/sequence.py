@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ecserve.engine.stop import StopMatcher
-from ecserve.tokenizer import IncrementalDetokenizer
 from ecserve.types import FinishReason, Request, TokenLogprobs
 
 
@@ -25,8 +23,6 @@ class Sequence:
     scope: str  # routing scope in force: batch | sequence
     seed: int  # the sampling seed used (the request's, or one drawn for it)
     generator: torch.Generator  # per-request RNG, seeded with `seed`
-    detokenizer: IncrementalDetokenizer
-    stops: StopMatcher  # the request's stop sequences over the detokenized text
     arrival_time: float = 0.0  # time.monotonic() timeline: arrival, admission, tokens
     admitted_time: float | None = None
     first_token_time: float | None = None
