@@ -1,6 +1,7 @@
 """How much of the model's raw speed the server delivers.
 
     python bench/bench_serving.py [--json PATH] [--output-len 128] [--requests-per-level 2]
+        [--engine-core process|thread|both] [--torch-threads N] [--levels 1,32]
 
 1. Raw: the engine core, no server, stepping a full batch of B decoding sequences (B = 1 and
    32): B tokens per median decode step, with the server's CPU settings (torch threads: all
@@ -11,8 +12,11 @@
    closed loop at concurrency 1, 2, 4, ..., 64 (each stream: 16 prompt tokens, --output-len new
    tokens; output tok/s over the level's whole run, prefill and ramp included).
 
-Prints served(32) / raw(32) (goal >= 0.85) and served(32) / served(1) (goal >= 12x). The load
-generator shares the machine with the server, as a co-located client would.
+Both engine-core placements are served by default (`--engine-core both`): the engine in its
+own process (ecserve serve's default) and on a thread of the server's process, levels
+interleaved. Prints, for each, served(32) / raw(32) (goal >= 0.9), served(32) / raw on every
+core (goal >= 0.75) and served(32) / served(1) (goal >= 12x), and process / thread at 32. The
+load generator shares the machine with the server, as a co-located client would.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from bench_decode_policies import cpu_name, openmp_env
 
 from ecserve.client import Client
 from ecserve.config import EngineConfig
@@ -78,9 +83,9 @@ def raw_all_cores(output_len: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def start_server(port: int) -> subprocess.Popen[bytes]:
+def start_server(port: int, mode: str, threads: int) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "ecserve", "serve", "--port", str(port), "--metrics-port", "0",
-           "--log-level", "WARNING"]
+           "--log-level", "WARNING", "--engine-core", mode, "--torch-threads", str(threads)]
     proc = subprocess.Popen(cmd)
     end = time.monotonic() + 120
     with Client(f"127.0.0.1:{port}", timeout=2) as client:
@@ -96,15 +101,38 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
             time.sleep(0.2)
 
 
+def load_level(port: int, c: int, output_len: int, per_stream: int) -> dict[str, object]:
+    """`ecserve bench`'s closed loop at concurrency c against the server on `port`."""
+    cfg = LoadTestConfig(
+        address=f"127.0.0.1:{port}", concurrency=c, input_len=PROMPT_LEN, output_len=output_len,
+        num_requests=c * per_stream, warmup_requests=c, duration=600, seed=0,
+    )
+    result = run_load_test(cfg, progress=False)
+    m = result.metrics
+    return {"concurrency": c, "errors": result.errors, **{k: m[k] for k in (
+        "completed", "failed", "duration", "output_throughput", "median_ttft_ms",
+        "median_itl_ms", "p99_itl_ms")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the sweep and the ratios here")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--requests-per-level", type=int, default=2,
                         help="requests per stream at each concurrency level")
+    parser.add_argument("--engine-core", choices=("process", "thread", "both"), default="both",
+                        help="the served engine's place (`ecserve serve --engine-core`); "
+                             "both: one server of each, levels interleaved")
+    parser.add_argument("--torch-threads", type=int,
+                        help="the engine's torch threads, served and raw (default: all cores "
+                             "but one, as `ecserve serve`)")
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)),
+                        help="concurrency levels (1 and 32 give the ratios)")
     args = parser.parse_args()
+    levels = [int(v) for v in args.levels.split(",")]
+    modes = ("process", "thread") if args.engine_core == "both" else (args.engine_core,)
 
-    threads = max(1, (os.cpu_count() or 1) - 1)  # as `ecserve serve` on this machine
+    threads = args.torch_threads or max(1, (os.cpu_count() or 1) - 1)
     torch.set_num_threads(threads)
     engine = Engine(None, EngineConfig(device="cpu"))
     raw: dict[int, list[float]] = {1: [], 32: []}  # step times
@@ -112,56 +140,67 @@ def main() -> None:
     def measure_raw(batch: int) -> None:
         raw[batch].extend(raw_decode_step_times(engine, batch, args.output_len))
 
-    port = free_port()
-    server = start_server(port)
-    sweep = []
+    ports = {mode: free_port() for mode in modes}
+    servers = {}
+    sweep: dict[str, list[dict[str, object]]] = {mode: [] for mode in modes}
     try:
-        for c in LEVELS:
+        for mode in modes:
+            servers[mode] = start_server(ports[mode], mode, threads)
+        for c in levels:
             if c in raw:
                 measure_raw(c)
-            cfg = LoadTestConfig(
-                address=f"127.0.0.1:{port}", concurrency=c, input_len=PROMPT_LEN,
-                output_len=args.output_len, num_requests=c * args.requests_per_level,
-                warmup_requests=c, duration=600, seed=0,
-            )
-            result = run_load_test(cfg, progress=False)
-            m = result.metrics
-            sweep.append({"concurrency": c, "errors": result.errors, **{k: m[k] for k in (
-                "completed", "failed", "duration", "output_throughput", "median_ttft_ms",
-                "median_itl_ms", "p99_itl_ms")}})
-            print(f"concurrency {c:3d}: {m['output_throughput']:8.1f} tok/s, median ITL "
-                  f"{m['median_itl_ms']:.2f} ms, p99 ITL {m['p99_itl_ms']:.1f} ms, failed "
-                  f"{m['failed']} {result.errors or ''}", flush=True)
+            for mode in modes:
+                row = load_level(ports[mode], c, args.output_len, args.requests_per_level)
+                sweep[mode].append(row)
+                print(f"{mode:7s} concurrency {c:3d}: {row['output_throughput']:8.1f} tok/s, "
+                      f"median ITL {row['median_itl_ms']:.2f} ms, p99 ITL "
+                      f"{row['p99_itl_ms']:.1f} ms, failed {row['failed']} "
+                      f"{row['errors'] or ''}", flush=True)
             if c in raw:
                 measure_raw(c)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        for proc in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
 
-    served = {row["concurrency"]: row["output_throughput"] for row in sweep}
-    raw_med = {b: b / statistics.median(v) for b, v in raw.items()}
+    raw_med = {b: b / statistics.median(v) for b, v in raw.items() if v}
     unconstrained = raw_all_cores(args.output_len)
+    ratios: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        served = {row["concurrency"]: row["output_throughput"] for row in sweep[mode]}
+        r = ratios[mode] = {}
+        if 32 in served and 32 in raw_med:
+            r["served_over_raw_at_32"] = served[32] / raw_med[32]
+            r["served_over_raw_all_cores_at_32"] = served[32] / unconstrained
+        if 32 in served and 1 in served:
+            r["scaling_32_over_1"] = served[32] / served[1]
+        if 32 in served:
+            r["served_tok_s_at_32"] = served[32]
     result = {
-        "served_over_raw_at_32": served[32] / raw_med[32],
-        "scaling_32_over_1": served[32] / served[1],
-        "served_over_raw_all_cores_at_32": served[32] / unconstrained,
+        "ratios": ratios,
         "raw_decode_tok_s": {str(b): v for b, v in raw_med.items()},
         "raw_decode_tok_s_all_cores_spinning_32": unconstrained,
         "raw_decode_steps": {str(b): len(v) for b, v in raw.items()},
         "sweep": sweep,
         "config": {"model": "default", "prompt_len": PROMPT_LEN, "output_len": args.output_len,
-                   "torch_threads_server_and_raw": threads,
-                   "requests_per_level": args.requests_per_level, "dtype": "float32"},
+                   "torch_threads_server_and_raw": threads, "engine_core": list(modes),
+                   "requests_per_level": args.requests_per_level, "dtype": "float32",
+                   "omp": openmp_env()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "cpu": cpu_name(), "torch": torch.__version__,
                     "python": platform.python_version(), "grpcio": grpc.__version__},
     }
-    print(f"\nraw decode (no server): batch 1 {raw_med[1]:.1f} tok/s, batch 32 "
-          f"{raw_med[32]:.1f} tok/s")
+    print(f"\nraw decode (no server, {threads} torch threads): " + ", ".join(
+        f"batch {b} {v:.1f} tok/s" for b, v in raw_med.items()))
     print(f"raw decode, every core, spinning OpenMP (reference): batch 32 {unconstrained:.1f} "
-          f"tok/s -> served(32) / that = {result['served_over_raw_all_cores_at_32']:.3f}")
-    print(f"served(32) / raw(32) = {result['served_over_raw_at_32']:.3f}   (goal >= 0.85)")
-    print(f"served(32) / served(1) = {result['scaling_32_over_1']:.2f}x   (goal >= 12x)")
+          "tok/s")
+    for mode, r in ratios.items():
+        print(f"engine core as a {mode}: " + ", ".join(f"{k} = {v:.3f}" for k, v in r.items()))
+    if len(modes) == 2 and all("served_tok_s_at_32" in r for r in ratios.values()):
+        split = ratios["process"]["served_tok_s_at_32"] / ratios["thread"]["served_tok_s_at_32"]
+        result["process_over_thread_at_32"] = split
+        print(f"served(32), engine-core process / thread = {split:.3f}")
+    print("goals: served/raw(32) >= 0.9, served/raw all cores(32) >= 0.75, 32 vs 1 >= 12x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

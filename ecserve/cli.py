@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -105,8 +106,16 @@ def _parser() -> argparse.ArgumentParser:
     _engine_args(srv)
     _server_args(srv)
     srv.add_argument("--torch-threads", type=int,
-                     help="torch CPU threads (default: all cores but one, which the server's "
-                          "gRPC work and event loop keep; OMP_NUM_THREADS also sets it)")
+                     help="the engine's torch CPU threads (default: all cores but one, which "
+                          "the server's gRPC work and event loop keep; OMP_NUM_THREADS also "
+                          "sets it)")
+    srv.add_argument("--engine-core", choices=("process", "thread"), default="process",
+                     help="where the engine steps: its own process, talking to this one over "
+                          "ZMQ (default), or a thread of the server's process (one process, "
+                          "one GIL: for debugging)")
+    srv.add_argument("--engine-cpus", metavar="LIST",
+                     help="pin the engine-core process to these CPUs (e.g. 1-15 or 2,3); "
+                          "default: no pinning")
     srv.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                      help="run the MoE experts across N processes on this machine (torch."
                           "distributed, gloo): this one serves, N-1 workers hold the other "
@@ -228,31 +237,56 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import torch  # OMP_WAIT_POLICY: set for every command by ecserve/__init__.py
 
-    from ecserve.engine.engine import Engine
-    from ecserve.server.app import serve
+    from ecserve.engine.core import CoreSpec, load_engine
+    from ecserve.server.app import serve_model
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     threads = args.torch_threads
     if threads is None and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) - 1)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--torch-threads must be >= 1, got {threads}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--torch-threads must be >= 1, got {threads}")
+    core = None
+    if args.engine_core == "process":
+        core = CoreSpec(threads, _cpu_list(args.engine_cpus), args.log_level)
+        torch.set_num_threads(1)  # this process runs no model: its threads would only idle
+    elif args.engine_cpus:
+        raise ValueError("--engine-cpus pins the engine-core process: drop --engine-core thread")
+    elif threads is not None:
         torch.set_num_threads(threads)
     engine_cfg, server_cfg = _engine_config(args), _config(ServerConfig, args)
     model = args.model or os.environ.get("ECSERVE_MODEL") or None
     if args.expert_parallel <= 1 and not args.torchrun:
         if args.placement:
             raise ValueError("--placement needs --expert-parallel N with N >= 2")
-        return serve(lambda: Engine(model, engine_cfg), server_cfg)
+        return serve_model(functools.partial(load_engine, model, engine_cfg), model,
+                           server_cfg, core)
     if args.torchrun and args.expert_parallel > 1:
         raise ValueError("--torchrun takes the number of ranks from torchrun; drop "
                          "--expert-parallel")
     from ecserve.parallel.launch import serve_expert_parallel
 
     return serve_expert_parallel(model, engine_cfg, server_cfg, args.expert_parallel,
-                                 args.placement, args.torchrun)
+                                 args.placement, args.torchrun, core)
+
+
+def _cpu_list(text: str | None) -> tuple[int, ...] | None:
+    """"1-3,6" -> (1, 2, 3, 6); the CPUs must exist here."""
+    if not text:
+        return None
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise ValueError(f"--engine-cpus: {text!r} is not a CPU list like 1-3,6") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not set(cpus) <= allowed:
+        raise ValueError(f"--engine-cpus: {text!r} names CPUs this process cannot use "
+                         f"(it may use {sorted(allowed)})")
+    return tuple(sorted(set(cpus)))
 
 
 def _client(args: argparse.Namespace) -> int:

@@ -51,11 +51,14 @@ class Metrics:
 
     def __init__(self, model_cfg: ModelConfig, device: str, expert_mode: str = "full",
                  experts_on_device: int | None = None,
-                 exchange: Callable[[], dict[int, tuple[Any, int]]] | None = None) -> None:
+                 exchange: Callable[[], dict[int, tuple[Any, int]]] | None = None,
+                 core_pid: int | None = None) -> None:
         """experts_on_device: expert weights this process holds, all MoE layers together
         (fewer than layers x experts under expert parallelism); None: all of them.
         exchange: under expert parallelism, MoE layer -> ([W, W] token rows sent src -> dst
-        so far, calls), read at scrape time (ecserve.parallel.moe_ep.traffic)."""
+        so far, calls), read at scrape time (ecserve.parallel.moe_ep.traffic).
+        core_pid: the engine-core process, when the engine runs in one: its process_* series
+        appear beside this process's, as ecserve_engine_core_process_*."""
         if expert_mode not in EXPERT_MODES:
             raise ValueError(f"expert_metrics must be one of {', '.join(EXPERT_MODES)}, "
                              f"got {expert_mode!r}")
@@ -110,6 +113,10 @@ class Metrics:
         ProcessCollector(registry=r)
         Gauge("ecserve_process_peak_rss_bytes", "Peak resident memory of the server process.",
               registry=r).set_function(_peak_rss_bytes)
+        if core_pid is not None:
+            ProcessCollector(namespace="ecserve_engine_core", pid=lambda: core_pid, registry=r)
+            Gauge("ecserve_engine_core_peak_rss_bytes", "Peak resident memory of the engine-core "
+                  "process.", registry=r).set_function(lambda: _proc_peak_rss_bytes(core_pid))
         if device.startswith("cuda"):
             import torch
 
@@ -131,7 +138,7 @@ class Metrics:
 
     def step_done(self, stats: StepStats) -> None:
         self.step_time.observe(stats.seconds)
-        self.step_tokens.observe(stats.plan.num_tokens)
+        self.step_tokens.observe(stats.num_tokens)
         for v in stats.time_to_first_token:
             self.ttft.observe(v)
         for v in stats.inter_token_latency:
@@ -180,6 +187,18 @@ def _peak_rss_bytes() -> float:
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB else
+
+
+def _proc_peak_rss_bytes(pid: int) -> float:
+    """Another process's peak resident memory (Linux /proc; NaN elsewhere or once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return float("nan")
 
 
 class ExchangeCollector(Collector):

@@ -19,12 +19,16 @@ from ecserve.client import Client
 from ecserve.config import ServerConfig
 from ecserve.engine.engine import Engine
 from ecserve.server.app import Server
+from ecserve.server.core_client import EngineCoreClient
 
 
 class ServerThread:
-    """Start with `with ServerThread(engine) as s:`; `s.client()` talks to it over gRPC."""
+    """Start with `with ServerThread(engine) as s:`; `s.client()` talks to it over gRPC.
+    An EngineCoreClient serves from an engine-core process; an Engine (or a loader) from a
+    thread of this one."""
 
-    def __init__(self, engine: Engine | Callable[[], Engine], **server_cfg: Any) -> None:
+    def __init__(self, engine: Engine | Callable[[], Engine] | EngineCoreClient,
+                 **server_cfg: Any) -> None:
         self.engine = engine if isinstance(engine, Engine) else None
         self._load = (lambda: engine) if isinstance(engine, Engine) else engine
         self.cfg = ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0,
@@ -43,7 +47,7 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         if self.server is not None and not self.server.servicer.draining:
-            self.drain(grace=5.0)
+            self.drain(grace=5.0).result(timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
 

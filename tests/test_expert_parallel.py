@@ -161,17 +161,25 @@ def start_serving(cmd: list[str], address: str, log_path: Path, env: dict[str, s
         time.sleep(0.1)
 
 
-def children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (from /proc: no procps needed)."""
-    out = []
+def workers(pid: int) -> list[int]:
+    """The expert-parallel worker processes under `pid` (from /proc: no procps needed): the
+    engine-core process, rank 0, starts them."""
+    parents, commands = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
+
+    def under(p: int) -> bool:
+        while p > 1:
+            p = parents.get(p, 0)
+            if p == pid:
+                return True
+        return False
+
+    return [p for p, cmd in commands.items() if b"ecserve.parallel.worker" in cmd and under(p)]
 
 
 @pytest.mark.parametrize("busy", [True, False])
@@ -199,7 +207,7 @@ def test_a_lost_worker_fails_fast_and_the_server_exits_1(make_model, tmp_path, b
            "--expert-parallel", "2"]
     proc = start_serving(cmd, address, log_path, env)
     try:
-        (worker,) = children(proc.pid)
+        (worker,) = workers(proc.pid)
         t0 = time.monotonic()
         if busy:
             with Client(address, timeout=30) as c:

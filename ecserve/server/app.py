@@ -16,9 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ecserve.config import ServerConfig
+from ecserve.engine.core import CoreSpec, EngineLoader
 from ecserve.engine.engine import Engine
 from ecserve.metrics import Metrics
 from ecserve.server.async_engine import AsyncEngine
+from ecserve.server.core_client import EngineCoreClient
+from ecserve.server.live import LiveEngine
 from ecserve.server.servicer import SERVICE, GenerationServicer
 from ecserve.types import Request, SamplingParams
 
@@ -32,12 +35,15 @@ class Server:
     """One gRPC server over one engine. `start` binds at once and reports NOT_SERVING while
     the model loads and warms up; `drain` is the SIGTERM path."""
 
-    def __init__(self, load_engine: Callable[[], Engine], cfg: ServerConfig) -> None:
-        """Construct inside the running event loop (grpc.aio binds the server to it)."""
+    def __init__(self, engine: Callable[[], Engine] | EngineCoreClient,
+                 cfg: ServerConfig) -> None:
+        """engine: an engine core process to start (`ecserve serve`), or a loader whose
+        engine then runs on a thread of this process. Construct inside the running event loop
+        (grpc.aio binds the server to it)."""
         self.cfg = cfg
-        self._load_engine = load_engine
+        self._source = engine
         self.servicer = GenerationServicer(cfg)
-        self.engine: AsyncEngine | None = None
+        self.engine: LiveEngine | None = None
         # Set when the engine can run no further step (a lost expert-parallel rank): the
         # server then drains what it can and exits 1, for the orchestrator to restart it.
         self.failed = asyncio.Event()
@@ -74,35 +80,42 @@ class Server:
             _check_free(self.cfg.metrics_host or self.cfg.host, self.cfg.metrics_port)
         await self.grpc.start()
         log.info("health NOT_SERVING on %s:%d while the model loads", self.cfg.host, self.port)
-        engine = await _in_daemon_thread(self._load_engine)
-        self.engine = AsyncEngine(engine)
-        self.engine.on_lost = self._engine_lost
-        self.engine.start()
+        live = await self._start_engine()
+        live.on_lost = self._engine_lost
         if self.cfg.warmup:
-            await self._warmup(self.engine)
-        self._start_metrics(engine)
-        self.servicer.engine = self.engine
+            await self._warmup(live)
+        self._start_metrics(live)
+        self.servicer.engine = live
         await self._set_health(SERVING)
-        log.info("serving model %s on %s:%d", engine.model_name, self.cfg.host, self.port)
+        log.info("serving model %s on %s:%d", live.info.model_name, self.cfg.host, self.port)
         return self.port
 
-    def _start_metrics(self, engine: Engine) -> None:
+    async def _start_engine(self) -> LiveEngine:
+        if isinstance(self._source, EngineCoreClient):
+            self.engine = self._source
+            await self._source.start()
+            return self._source
+        live = self.engine = AsyncEngine(await _in_daemon_thread(self._source))
+        live.start()
+        return live
+
+    def _start_metrics(self, live: LiveEngine) -> None:
         """After the warm-up, so its generation is not counted."""
         if not self.cfg.metrics:
             return
-        runner = engine.runner
-        exchange = runner.expert_traffic if runner.expert_traffic() else None
-        self.metrics = Metrics(engine.model_cfg, str(engine.device), self.cfg.expert_metrics,
-                               runner.held_experts(), exchange)
+        info = live.info
+        exchange = live.expert_traffic if live.expert_traffic() is not None else None
+        self.metrics = Metrics(info.model_cfg, info.device, self.cfg.expert_metrics,
+                               info.held_experts, exchange, core_pid=live.core_pid)
         host = self.cfg.metrics_host or self.cfg.host
         self._metrics_http, _ = self.metrics.serve(host, self.cfg.metrics_port)
         self.metrics_port = self._metrics_http.server_port
-        engine.observer = self.servicer.metrics = self.metrics
+        live.observer = self.servicer.metrics = self.metrics
         log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
-    async def _warmup(self, live: AsyncEngine) -> None:
+    async def _warmup(self, live: LiveEngine) -> None:
         """One short generation, so the first client does not pay for lazy initialisation."""
-        prompt = tuple(live.engine.encode("warm up"))
+        prompt = tuple(live.info.encode("warm up"))
         queue = live.submit(Request("warmup", prompt, SamplingParams(max_new_tokens=4, seed=0)))
         while not (item := await queue.get()).finished:
             pass
@@ -198,13 +211,35 @@ class _MethodAwarePool:
             return self._pool.FindFileContainingSymbol(service)
 
 
-def serve(load_engine: Callable[[], Engine], cfg: ServerConfig) -> int:
+def serve_model(load: EngineLoader, model: str | None, cfg: ServerConfig,
+                core: CoreSpec | None) -> int:
+    """`ecserve serve`: the engine that `load` builds, in an engine-core process run as
+    `core` says, or on a thread of this process when `core` is None; then serve until a
+    signal or the engine's loss (the exit code)."""
+    if core is not None:
+        return serve(EngineCoreClient(load, core, model), cfg)
+    closers: list[Callable[[], None]] = []
+
+    def load_here() -> Engine:
+        engine, close = load(detokenize=True)
+        if close is not None:
+            closers.append(close)
+        return engine
+
+    try:
+        return serve(load_here, cfg)
+    finally:
+        for close in closers:  # after the drain: the engine thread has stopped
+            close()
+
+
+def serve(engine: Callable[[], Engine] | EngineCoreClient, cfg: ServerConfig) -> int:
     """Run a server until SIGTERM or SIGINT (exit code 0) or until its engine is lost (1),
     then drain it; returns the exit code."""
 
     async def main() -> None:
         nonlocal code
-        server = Server(load_engine, cfg)
+        server = Server(engine, cfg)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 

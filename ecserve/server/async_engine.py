@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ecserve.engine.engine import Engine
+from ecserve.server.live import EngineInfo, Item, Observer, Traffic
 from ecserve.types import FinishReason, Request, TokenEvent
 
 log = logging.getLogger(__name__)
-
-Item = TokenEvent | Exception  # what a request's queue carries; an Exception ends the request
+__all__ = ["AsyncEngine", "Item"]
 
 
 @dataclass
@@ -35,8 +35,16 @@ class _Inbox:
 
 
 class AsyncEngine:
+    """The engine on a worker thread of the server's process (`ecserve serve --engine-core
+    thread`, and the tests): a LiveEngine."""
+
+    core_pid = None  # the engine runs in this process
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.info = EngineInfo(engine.model_name, engine.model_cfg, engine.tokenizer,
+                               engine.max_model_len, engine.dtype_name, str(engine.device),
+                               engine.runner.held_experts())
         self._lock = threading.Lock()
         self._inbox = _Inbox()
         self._work = threading.Event()  # set when the inbox has something
@@ -47,6 +55,22 @@ class AsyncEngine:
         self.on_lost: Callable[[str], None] | None = None
         self._lost_reported = False
         self._thread = threading.Thread(target=self._run, name="ecserve-engine", daemon=True)
+
+    @property
+    def observer(self) -> Observer | None:
+        return self.engine.observer
+
+    @observer.setter
+    def observer(self, observer: Observer | None) -> None:
+        self.engine.observer = observer  # called on the worker thread, as Metrics allows
+
+    @property
+    def lost(self) -> str | None:
+        return self.engine.lost
+
+    def expert_traffic(self) -> Traffic | None:
+        runner = self.engine.runner
+        return runner.expert_traffic() if runner.expert_traffic() else None
 
     @property
     def num_live(self) -> int:

@@ -16,10 +16,8 @@ import grpc
 from google.protobuf.message import Message
 
 from ecserve.config import ServerConfig
-from ecserve.engine.batcher import QueueFullError
-from ecserve.engine.engine import Engine, RequestError
+from ecserve.engine.limits import QueueFullError, RequestError
 from ecserve.metrics import Metrics
-from ecserve.server.async_engine import AsyncEngine, Item
 from ecserve.server.convert import (
     SCOPE_ENUMS,
     InvalidArgument,
@@ -28,6 +26,7 @@ from ecserve.server.convert import (
     proto_message,
     to_request,
 )
+from ecserve.server.live import EngineInfo, Item, LiveEngine
 from ecserve.types import FinishReason, Request
 from ecserve.v1 import generation_pb2 as pb
 from ecserve.wording import counted
@@ -41,7 +40,7 @@ PARSE_INLINE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
 class GenerationServicer:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.engine: AsyncEngine | None = None  # set once the model is loaded and warm
+        self.engine: LiveEngine | None = None  # set once the model is loaded and warm
         self.metrics: Metrics | None = None
         self.draining = False  # set on SIGTERM: refuse new calls, let live ones finish
 
@@ -104,12 +103,12 @@ class GenerationServicer:
 
     async def _accept(
         self, raw: bytes, context: grpc.aio.ServicerContext
-    ) -> tuple[AsyncEngine, Request, ResponseBuilder, asyncio.Queue[Item]]:
+    ) -> tuple[LiveEngine, Request, ResponseBuilder, asyncio.Queue[Item]]:
         live = await self._refuse_if_not_serving(context)
-        engine = live.engine
+        info = live.info
         try:
             msg = await self._parse(pb.GenerateRequest, raw)
-            request = to_request(msg, uuid.uuid4().hex[:16], engine.encode, self.cfg)
+            request = to_request(msg, uuid.uuid4().hex[:16], info.encode, self.cfg)
             queue = live.submit(request)
         except InvalidArgument as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -118,7 +117,7 @@ class GenerationServicer:
                                proto_message(str(e), bool(msg.prompt_token_ids)))
         except QueueFullError as e:
             await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        return live, request, ResponseBuilder(request, msg.response, engine.tokenizer.decode), queue
+        return live, request, ResponseBuilder(request, msg.response, info.tokenizer.decode), queue
 
     async def _parse(self, cls: type[M], raw: bytes) -> M:
         """parse(), off the event loop for a large body: naming a bad field walks it in
@@ -139,31 +138,31 @@ class GenerationServicer:
     # ------------------------------------------------------------------ the rest
 
     async def tokenize(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        engine = (await self._refuse_if_not_serving(context)).engine
+        info = (await self._refuse_if_not_serving(context)).info
         try:
             msg = await self._parse(pb.TokenizeRequest, raw)
         except InvalidArgument as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        ids = engine.encode(msg.text)
+        ids = info.encode(msg.text)
         out = pb.TokenizeResponse(token_ids=ids, token_count=len(ids))
         if msg.return_tokens:
-            out.tokens.extend(engine.tokenizer.decode([i]) for i in ids)
+            out.tokens.extend(info.tokenizer.decode([i]) for i in ids)
         return out
 
     async def model_info(self, raw: bytes, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInfoResponse:
-        return model_info((await self._refuse_if_not_serving(context)).engine, self.cfg)
+        return model_info((await self._refuse_if_not_serving(context)).info, self.cfg)
 
-    async def _refuse_if_not_serving(self, context: grpc.aio.ServicerContext) -> AsyncEngine:
+    async def _refuse_if_not_serving(self, context: grpc.aio.ServicerContext) -> LiveEngine:
         if self.draining:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE,
                                "server is draining (shutting down); retry on another replica")
         if self.engine is None:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE,
                                "model is still loading; retry shortly")
-        if self.engine.engine.lost is not None:
+        if self.engine.lost is not None:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE,
-                               f"the engine stopped ({self.engine.engine.lost}); retry on "
+                               f"the engine stopped ({self.engine.lost}); retry on "
                                "another replica")
         return self.engine
 
@@ -177,7 +176,7 @@ class GenerationServicer:
         raise AssertionError("unreachable: abort raises")
 
 
-def model_info(engine: Engine, cfg: ServerConfig) -> pb.ModelInfoResponse:
+def model_info(engine: EngineInfo, cfg: ServerConfig) -> pb.ModelInfoResponse:
     mc, r = engine.model_cfg, engine.model_cfg.routing
     out = pb.ModelInfoResponse(
         model_name=engine.model_name,
@@ -186,7 +185,7 @@ def model_info(engine: Engine, cfg: ServerConfig) -> pb.ModelInfoResponse:
         num_experts=mc.num_experts, routing_policy=r.policy,
         capacity_factor=r.capacity_factor, group_size=r.group_size,
         default_routing_scope=SCOPE_ENUMS[r.scope], dtype=engine.dtype_name,
-        device=str(engine.device), max_new_tokens_default=cfg.default_max_new_tokens,
+        device=engine.device, max_new_tokens_default=cfg.default_max_new_tokens,
         max_stop_sequences=cfg.max_stop_sequences,
         max_stop_sequence_length=cfg.max_stop_sequence_length,
         max_top_logprobs=cfg.max_top_logprobs, max_request_bytes=cfg.max_request_bytes,

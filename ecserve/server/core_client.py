@@ -1,0 +1,315 @@
+"""The front end's handle on an engine core running in its own process (ecserve/engine/core.py).
+
+The server's process keeps gRPC, request validation, the queue bound, detokenization, stop
+sequences, response building and the metrics endpoint; the core process runs the batcher,
+the model and the sampler in a busy loop, so neither waits for the other's GIL. Everything
+the event loop hands over between two of its iterations goes out as one CoreInput frame; each
+engine step comes back as one CoreOutput frame, read by one task on the event loop.
+
+The core's death is seen at once (a thread waits on the process): live requests end with an
+error naming it, `lost` is set, and the server reports NOT_SERVING and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from ecserve.config import ConfigError
+from ecserve.engine.core import CoreSpec, EngineLoader, run_core
+from ecserve.engine.core_protocol import Codec, CoreInput, CoreOutput, CoreReady
+from ecserve.engine.limits import RequestError
+from ecserve.engine.text import TextStage
+from ecserve.model.checkpoint import CheckpointError
+from ecserve.model.default import default_model_dir
+from ecserve.server.live import EngineInfo, Item, Observer, Traffic
+from ecserve.tokenizer import load_tokenizer
+from ecserve.types import FinishReason, Request, TokenEvent
+
+log = logging.getLogger("ecserve.server")
+STOP_TIMEOUT_S = 30.0  # after the stop frame, the core's exit is awaited this long, then killed
+_ERRORS: dict[str, type[Exception]] = {  # a failed load is raised again as its own kind
+    c.__name__: c for c in (CheckpointError, ConfigError, ValueError, OSError,
+                            FileNotFoundError, KeyError)}
+
+
+# Cores still running when the interpreter exits (a caller that never called stop()): killed,
+# since the core ignores SIGTERM and multiprocessing's own exit hook would wait for it forever.
+_STARTED: weakref.WeakSet[multiprocessing.process.BaseProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_orphans() -> None:
+    for proc in list(_STARTED):
+        if proc.exitcode is None:
+            proc.kill()
+
+
+class EngineCoreDied(RuntimeError):
+    """The engine-core process ended while serving."""
+
+
+class EngineCoreClient:
+    """A LiveEngine whose engine runs in a child process."""
+
+    def __init__(self, load: EngineLoader, spec: CoreSpec, model: str | None) -> None:
+        """load: builds the engine in the core process (spawned: it must be picklable)."""
+        self.load, self.spec = load, spec
+        self.model_dir = Path(model) if model else default_model_dir()
+        self.info: EngineInfo
+        self.observer: Observer | None = None
+        self.on_lost: Callable[[str], None] | None = None
+        self._lost: str | None = None
+        self._codec = Codec()
+        self._ready: CoreReady | None = None
+        self._streams: dict[str, asyncio.Queue[Item]] = {}  # live requests
+        self._waiting: dict[str, int] = {}  # sent and not yet admitted: id -> prompt tokens
+        self._pending = CoreInput()  # sent with the event loop's next turn
+        self._traffic: Traffic = {}
+        self._stopping = False
+        self._flush_scheduled = False
+        self._dir = tempfile.mkdtemp(prefix="ecserve-core-")
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Start the core process and wait until it has loaded the model (or failed to)."""
+        loop = self._loop = asyncio.get_running_loop()
+        in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self._ctx = zmq.asyncio.Context()
+        self._in = self._ctx.socket(zmq.PUSH)  # sends queue here until the core binds
+        self._in.setsockopt(zmq.LINGER, 0)
+        self._in.connect(in_addr)
+        self._out = self._ctx.socket(zmq.PULL)
+        self._out.setsockopt(zmq.LINGER, 0)
+        self._out.connect(out_addr)
+        # spawn: a fresh interpreter, never a fork of this one's gRPC and OpenMP threads.
+        self._proc = multiprocessing.get_context("spawn").Process(
+            target=run_core, args=(self.load, self.spec, in_addr, out_addr, os.getpid()),
+            name="ecserve-engine-core", daemon=False)
+        self._proc.start()
+        _STARTED.add(self._proc)
+        self._exited: asyncio.Future[str] = loop.create_future()
+        threading.Thread(target=self._watch, name="ecserve-core-watch", daemon=True).start()
+        first = asyncio.ensure_future(self._out.recv())
+        await asyncio.wait([first, self._exited], return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            first.cancel()
+            raise EngineCoreDied(f"{self._exited.result()} while loading the model; its log "
+                                 "above says why")
+        hello = self._codec.hello(first.result())
+        if hello.ready is None:
+            await self._join(5.0)
+            raise _ERRORS.get(hello.error_type, RuntimeError)(hello.error)
+        self._ready = r = hello.ready
+        mc = r.model_cfg
+        tokenizer = load_tokenizer(self.model_dir, mc.tokenizer, mc.bos_token_id, mc.eos_token_id)
+        self.info = EngineInfo(r.model_name, mc, tokenizer, r.limits.max_model_len, r.dtype,
+                               r.device, r.held_experts)
+        self._text = TextStage(tokenizer)
+        self._reader = asyncio.ensure_future(self._read())
+        log.info("engine core running in process %d", r.pid)
+
+    async def stop(self) -> None:
+        """After the drain: stop the core (it leaves its loop between steps) and reap it."""
+        self._stopping = True
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._proc is not None and not self._exited.done():
+            if self._ready is None:  # still loading (a signal during start-up): no drain
+                self._proc.kill()
+            self._pending.stop = True
+            self._flush()
+            await self._join(STOP_TIMEOUT_S)
+        if self._proc is not None:
+            self._in.close()
+            self._out.close()
+            self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _join(self, timeout: float) -> None:
+        """Wait for the core to exit (the watcher thread reaps it), killing it after timeout."""
+        assert self._proc is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+            log.warning("the engine core did not stop within %.0f s; killing it", timeout)
+            self._proc.kill()
+            await self._exited
+
+    def _watch(self) -> None:
+        """A thread, the only one to wait on the process: tells the event loop it ended."""
+        assert self._proc is not None
+        self._proc.join()
+        reason = _exit_reason(self._proc.pid, self._proc.exitcode)
+        self._loop.call_soon_threadsafe(self._core_ended, reason)
+
+    def _core_ended(self, reason: str) -> None:
+        self._exited.set_result(reason)
+        if not self._stopping and self._ready is not None:
+            self._lose(reason)
+
+    # ---------------------------------------------------------------- LiveEngine
+
+    @property
+    def lost(self) -> str | None:
+        return self._lost
+
+    @property
+    def num_live(self) -> int:
+        return len(self._streams)
+
+    @property
+    def core_pid(self) -> int | None:
+        return self._ready.pid if self._ready is not None else None
+
+    def expert_traffic(self) -> Traffic | None:
+        return self._traffic if self._ready is not None and self._ready.expert_parallel else None
+
+    def submit(self, request: Request) -> asyncio.Queue[Item]:
+        """Accept a request; raises RequestError (bad input) or QueueFullError (overload),
+        checked here against the core's limits and the requests it has not admitted yet."""
+        assert self._ready is not None
+        rid, n = request.request_id, len(request.prompt_token_ids)
+        if rid in self._streams:
+            raise RequestError(f"request_id {rid!r} is already in use")
+        limits = self._ready.limits
+        limits.validate(request)
+        limits.check_room(len(self._waiting), sum(self._waiting.values()), 1, n)
+        self._text.add(request)
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._streams[rid] = queue
+        self._waiting[rid] = n
+        self._pending.requests.append(request)
+        self._schedule_flush()
+        return queue
+
+    def cancel(self, request_id: str, notify: bool = False) -> None:
+        """Abort a request (the core frees its blocks between steps). With `notify` (a
+        server-side cancel) its queue gets a final ABORTED event."""
+        queue = self._streams.pop(request_id, None)
+        if queue is None:
+            return
+        self._forget(request_id)
+        if notify:
+            queue.put_nowait(TokenEvent(request_id, None, "", 0, FinishReason.ABORTED))
+        self._abort(request_id, FinishReason.ABORTED)
+
+    def cancel_all(self) -> None:
+        for request_id in list(self._streams):
+            self.cancel(request_id, notify=True)
+
+    # ---------------------------------------------------------------- to the core
+
+    def _abort(self, request_id: str, reason: FinishReason) -> None:
+        pending = self._pending
+        queued = next((i for i, r in enumerate(pending.requests)
+                       if r.request_id == request_id), None)
+        if queued is not None:  # not sent yet: never reaches the core
+            del pending.requests[queued]
+            return
+        pending.aborts.append((request_id, reason))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """One frame for everything this turn of the event loop handed over."""
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, CoreInput()
+        if not pending:
+            return
+        try:
+            # Never waits: the socket connected first, so frames queue until the core reads.
+            self._in.send(self._codec.encode(pending), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:  # a thousand frames unread: the core is stuck
+            self._lose("the engine core stopped reading its input")
+
+    # ---------------------------------------------------------------- from the core
+
+    async def _read(self) -> None:
+        while True:
+            frame = await self._out.recv(copy=False)
+            try:
+                self._handle(self._codec.output(frame.buffer))
+            except Exception:  # a bug here must not leave every stream waiting forever
+                log.exception("could not handle the engine core's output")
+                self._lose("the front end could not read the engine core's output")
+                return
+
+    def _handle(self, out: CoreOutput) -> None:
+        if out.step is not None:
+            for rid in out.step.admitted:
+                self._waiting.pop(rid, None)
+        events, stopped = self._text.process(out.events)
+        for ev in events:
+            queue = self._streams.get(ev.request_id)
+            if queue is None:  # cancelled by its client meanwhile
+                continue
+            queue.put_nowait(ev)
+            if ev.finished:
+                del self._streams[ev.request_id]
+                self._waiting.pop(ev.request_id, None)
+        for rid in stopped:  # the text reached a stop sequence: the core still runs it
+            self._abort(rid, FinishReason.STOP_SEQUENCE)
+        for rid, why in out.refused:
+            self._end(rid, RuntimeError(f"the engine core refused the request: {why}"))
+        if out.traffic is not None:
+            self._traffic = out.traffic
+        if self.observer is not None:
+            for stats in out.finished:
+                self.observer.request_done(stats)
+            if out.step is not None:
+                self.observer.step_done(out.step)
+        if out.lost is not None:
+            self._lose(out.lost)
+
+    def _forget(self, request_id: str) -> None:
+        self._waiting.pop(request_id, None)
+        self._text.drop(request_id)
+
+    def _end(self, request_id: str, error: Exception) -> None:
+        queue = self._streams.pop(request_id, None)
+        self._forget(request_id)
+        if queue is not None:
+            queue.put_nowait(error)
+
+    def _lose(self, reason: str) -> None:
+        """No further step will run: fail every live request, once, and say so."""
+        if self._lost is not None:
+            return
+        self._lost = reason
+        log.critical("engine core lost: %s", reason)
+        error = EngineCoreDied(reason)
+        for request_id in list(self._streams):
+            self._end(request_id, error)
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+
+def _exit_reason(pid: int | None, code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the engine core process (pid {pid}) was killed by {name}"
+    return f"the engine core process (pid {pid}) exited with code {code}"
