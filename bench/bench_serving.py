@@ -2,6 +2,7 @@
 
     python bench/bench_serving.py [--json PATH] [--output-len 128] [--requests-per-level 2]
         [--engine-core process|thread|both] [--torch-threads N] [--levels 1,32]
+        [--serve-arg=--engine-cpus --serve-arg=1 ...]
 
 1. Raw: the engine core, no server, stepping a full batch of B decoding sequences (B = 1 and
    32): B tokens per median decode step, with the server's CPU settings (torch threads: all
@@ -83,9 +84,11 @@ def raw_all_cores(output_len: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def start_server(port: int, mode: str, threads: int) -> subprocess.Popen[bytes]:
+def start_server(port: int, mode: str, threads: int, extra: list[str]
+                 ) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "ecserve", "serve", "--port", str(port), "--metrics-port", "0",
-           "--log-level", "WARNING", "--engine-core", mode, "--torch-threads", str(threads)]
+           "--log-level", "WARNING", "--engine-core", mode, "--torch-threads", str(threads),
+           *extra]
     proc = subprocess.Popen(cmd)
     end = time.monotonic() + 120
     with Client(f"127.0.0.1:{port}", timeout=2) as client:
@@ -126,6 +129,9 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int,
                         help="the engine's torch threads, served and raw (default: all cores "
                              "but one, as `ecserve serve`)")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more `ecserve serve` argument, e.g. --serve-arg=--engine-cpus"
+                             " --serve-arg=1 (repeatable)")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)),
                         help="concurrency levels (1 and 32 give the ratios)")
     args = parser.parse_args()
@@ -145,7 +151,7 @@ def main() -> None:
     sweep: dict[str, list[dict[str, object]]] = {mode: [] for mode in modes}
     try:
         for mode in modes:
-            servers[mode] = start_server(ports[mode], mode, threads)
+            servers[mode] = start_server(ports[mode], mode, threads, args.serve_arg)
         for c in levels:
             if c in raw:
                 measure_raw(c)
@@ -184,6 +190,7 @@ def main() -> None:
         "sweep": sweep,
         "config": {"model": "default", "prompt_len": PROMPT_LEN, "output_len": args.output_len,
                    "torch_threads_server_and_raw": threads, "engine_core": list(modes),
+                   "serve_args": args.serve_arg,
                    "requests_per_level": args.requests_per_level, "dtype": "float32",
                    "omp": openmp_env()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
