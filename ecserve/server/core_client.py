@@ -81,7 +81,7 @@ class EngineCoreClient:
         self._traffic: Traffic = {}
         self._stopping = False
         self._flush_scheduled = False
-        self._dir = tempfile.mkdtemp(prefix="ecserve-core-")
+        self._dir = ""  # the sockets' directory, made by start()
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -90,6 +90,8 @@ class EngineCoreClient:
     async def start(self) -> None:
         """Start the core process and wait until it has loaded the model (or failed to)."""
         loop = self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[str] = loop.create_future()  # set by the watcher thread
+        self._dir = tempfile.mkdtemp(prefix="ecserve-core-")
         in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._ctx = zmq.asyncio.Context()
         self._in = self._ctx.socket(zmq.PUSH)  # sends queue here until the core binds
@@ -99,12 +101,12 @@ class EngineCoreClient:
         self._out.setsockopt(zmq.LINGER, 0)
         self._out.connect(out_addr)
         # spawn: a fresh interpreter, never a fork of this one's gRPC and OpenMP threads.
-        self._proc = multiprocessing.get_context("spawn").Process(
+        proc = multiprocessing.get_context("spawn").Process(
             target=run_core, args=(self.load, self.spec, in_addr, out_addr, os.getpid()),
             name="ecserve-engine-core", daemon=False)
-        self._proc.start()
-        _STARTED.add(self._proc)
-        self._exited: asyncio.Future[str] = loop.create_future()
+        proc.start()
+        self._proc = proc
+        _STARTED.add(proc)
         threading.Thread(target=self._watch, name="ecserve-core-watch", daemon=True).start()
         first = asyncio.ensure_future(self._out.recv())
         await asyncio.wait([first, self._exited], return_when=asyncio.FIRST_COMPLETED)
@@ -136,11 +138,11 @@ class EngineCoreClient:
             self._pending.stop = True
             self._flush()
             await self._join(STOP_TIMEOUT_S)
-        if self._proc is not None:
+        if self._dir:
             self._in.close()
             self._out.close()
             self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     async def _join(self, timeout: float) -> None:
         """Wait for the core to exit (the watcher thread reaps it), killing it after timeout."""
