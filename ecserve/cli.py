@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ecserve.config import DTYPES, POLICIES, SCOPES, ConfigError, EngineConfig, ServerConfig
+from ecserve.security import add_client_arguments, client_security
 from ecserve.wording import counted
 
 
@@ -74,7 +75,22 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (9400; 0: any)")
     p.add_argument("--expert-metrics", choices=("full", "aggregate", "off"),
                    help="per-expert series: each expert, summed per layer, or none (full)")
+    p.add_argument("--tls-cert-file", metavar="PEM", help="serve gRPC over TLS with this "
+                   "certificate chain (with --tls-key-file)")
+    p.add_argument("--tls-key-file", metavar="PEM", help="the TLS certificate's private key")
+    p.add_argument("--tls-client-ca-file", metavar="PEM",
+                   help="mutual TLS: refuse clients without a certificate signed by this CA")
+    p.add_argument("--api-key-file", metavar="PATH",
+                   help="require 'authorization: Bearer <key>' with one of the keys in this file "
+                        "(one per line); others get UNAUTHENTICATED")
+    p.add_argument("--open-services", type=_services, metavar="LIST",
+                   help="with --api-key-file, the services that need no key: health, "
+                        "reflection, both (health,reflection) or none (default: health)")
     p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
+
+
+def _services(text: str) -> tuple[str, ...]:
+    return () if text == "none" else tuple(s.strip() for s in text.split(",") if s.strip())
 
 
 def _config(cls: Any, args: argparse.Namespace) -> Any:
@@ -232,6 +248,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _address_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT (127.0.0.1:50051)")
+    add_client_arguments(p)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -297,7 +314,7 @@ def _client(args: argparse.Namespace) -> int:
         "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed",
         "stop_sequences", "routing_scope")}
     last = None
-    with Client(args.address, timeout=args.timeout) as client:
+    with Client(args.address, timeout=args.timeout, security=client_security(args)) as client:
         for last in client.stream(args.prompt, **options):
             sys.stdout.write(last.text)
             sys.stdout.flush()
@@ -311,7 +328,7 @@ def _client(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     from ecserve.client import Client
 
-    with Client(args.address, timeout=args.timeout) as client:
+    with Client(args.address, timeout=args.timeout, security=client_security(args)) as client:
         status = client.health(args.service)
     print(status)
     return 0 if status == "SERVING" else 1

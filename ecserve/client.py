@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ecserve.security import ClientSecurity
 from ecserve.v1 import generation_pb2 as pb
 from ecserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -72,8 +72,12 @@ def build_request(
 class Client:
     """Calls one server. `timeout` (seconds) is each call's deadline unless a call gives one."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = None,
+                 security: ClientSecurity | None = None) -> None:
+        """security: TLS, mutual TLS and the API key (default: plaintext, no key)."""
+        security = security or ClientSecurity()
+        self.channel = security.channel(address)
+        self.metadata = security.metadata
         self.timeout = timeout
         self._stub = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -82,13 +86,13 @@ class Client:
                  **options: Any) -> pb.GenerateResponse:
         """The whole generation; options are build_request's."""
         return self._stub.Generate(build_request(prompt, **options),
-                                   timeout=timeout or self.timeout)
+                                   timeout=timeout or self.timeout, metadata=self.metadata)
 
     def stream(self, prompt: str | Sequence[int], timeout: float | None = None,
                **options: Any) -> Iterator[pb.GenerateResponse]:
         """Messages as tokens are generated; leaving the loop early cancels the request."""
         call = self._stub.GenerateStream(build_request(prompt, **options),
-                                         timeout=timeout or self.timeout)
+                                         timeout=timeout or self.timeout, metadata=self.metadata)
         try:
             yield from call
         finally:
@@ -96,15 +100,16 @@ class Client:
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._stub.Tokenize(pb.TokenizeRequest(text=text),
-                                        timeout=self.timeout).token_ids)
+                                        timeout=self.timeout, metadata=self.metadata).token_ids)
 
     def model_info(self) -> pb.ModelInfoResponse:
-        return self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+        return self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout,
+                                    metadata=self.metadata)
 
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, ... as grpc.health.v1 reports for `service` ("": the server)."""
         reply = self._health.Check(health_pb2.HealthCheckRequest(service=service),
-                                   timeout=self.timeout)
+                                   timeout=self.timeout, metadata=self.metadata)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def close(self) -> None:

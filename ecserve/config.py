@@ -277,8 +277,22 @@ class ServerConfig:
     metrics_host: str | None = None  # None: the same address as gRPC
     metrics_port: int = 9400  # 0: any free port
     expert_metrics: str = "full"  # per-expert series: full (each) | aggregate (per layer) | off
+    tls_cert_file: str | None = None  # PEM certificate chain: serve gRPC over TLS
+    tls_key_file: str | None = None  # its PEM private key
+    tls_client_ca_file: str | None = None  # mutual TLS: clients need a certificate from this CA
+    api_key_file: str | None = None  # keys (one per line) a call must bear; None: no key asked
+    # Services answering without a key when api_key_file is set: health | reflection
+    open_services: tuple[str, ...] = ("health",)
 
     def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("TLS needs a certificate and its key: give both tls_cert_file "
+                              "and tls_key_file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("tls_client_ca_file (mutual TLS) needs TLS: give tls_cert_file "
+                              "and tls_key_file too")
+        for name in self.open_services:
+            _check_choice("open_services", name, ("health", "reflection"))
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")

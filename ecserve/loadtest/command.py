@@ -11,12 +11,14 @@ from pathlib import Path
 
 from ecserve.loadtest.config import LoadTestConfig, parse_slos
 from ecserve.loadtest.targets import FLAG_TARGETS, TARGETS, check_targets, evaluate, load_targets
+from ecserve.security import add_client_arguments, client_security
 
 EXIT_TARGET_MISSED = 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT (127.0.0.1:50051)")
+    add_client_arguments(p)
     load = p.add_argument_group("load (one of --concurrency or --request-rate; default: "
                                 "closed loop, concurrency 1)")
     load.add_argument("--concurrency", type=int, metavar="N",
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_dir:
         check_writable("--plot-dir", Path(args.plot_dir))
     try:
-        result = run_load_test(cfg)
+        result = run_load_test(cfg, security=client_security(args))
     except ServerUnreachable as e:
         print(f"ecserve: error: {e}", file=sys.stderr)
         return 1

@@ -16,32 +16,36 @@ from ecserve.loadtest.records import LoadTestResult
 from ecserve.loadtest.runner import Phase, ServerUnreachable
 from ecserve.loadtest.stats import calculate_metrics, errors_by_code
 from ecserve.loadtest.workload import ModelLimits, build_workload
+from ecserve.security import ClientSecurity
 from ecserve.v1 import generation_pb2 as pb
 from ecserve.v1 import generation_pb2_grpc as pb_grpc
 
 
-def run_load_test(cfg: LoadTestConfig, progress: bool | None = None) -> LoadTestResult:
+def run_load_test(cfg: LoadTestConfig, progress: bool | None = None,
+                  security: ClientSecurity | None = None) -> LoadTestResult:
     """Run `cfg` to the end in an event loop of its own (uvloop when installed).
 
     Raises ValueError for a bad config (or lengths past the server's max_model_len) and
     ServerUnreachable when the server does not answer ModelInfo within cfg.connect_timeout.
-    `progress`: draw the progress bar on stderr (default: cfg.progress)."""
+    `progress`: draw the progress bar on stderr (default: cfg.progress). `security`: TLS and
+    the API key (kept out of cfg, which the JSON report records)."""
     cfg.validate()
     show = cfg.progress if progress is None else progress
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(_main(cfg, show))
-    return uvloop.run(_main(cfg, show))
+        return asyncio.run(_main(cfg, show, security or ClientSecurity()))
+    return uvloop.run(_main(cfg, show, security or ClientSecurity()))
 
 
-async def _main(cfg: LoadTestConfig, show: bool) -> LoadTestResult:
+async def _main(cfg: LoadTestConfig, show: bool, security: ClientSecurity) -> LoadTestResult:
     from google.protobuf.json_format import MessageToDict
 
-    async with grpc.aio.insecure_channel(cfg.address) as channel:
+    async with security.aio_channel(cfg.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         try:
-            info = await stub.ModelInfo(pb.ModelInfoRequest(), timeout=cfg.connect_timeout)
+            info = await stub.ModelInfo(pb.ModelInfoRequest(), timeout=cfg.connect_timeout,
+                                        metadata=security.metadata)
         except grpc.aio.AioRpcError as e:
             raise ServerUnreachable(f"cannot reach server at {cfg.address}: "
                                     f"{e.code().name} {e.details()}") from None
@@ -54,7 +58,8 @@ async def _main(cfg: LoadTestConfig, show: bool) -> LoadTestResult:
         warmup_failed = 0
         if warm:
             bar = _bar(show, len(warm), "warmup")
-            phase = Phase(stub, cfg, warm, bar, time.perf_counter() + cfg.duration)
+            phase = Phase(stub, cfg, warm, bar, time.perf_counter() + cfg.duration,
+                          security.metadata)
             await phase.run(open_loop=False, workers=1 if cfg.open_loop else cfg.workers)
             warmup_failed = phase.failed
             _close(bar, phase)
@@ -65,7 +70,8 @@ async def _main(cfg: LoadTestConfig, show: bool) -> LoadTestResult:
         sampler = asyncio.ensure_future(_sample_every(watch, 1.0))
         start_time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         bar = _bar(show, len(measured), "bench")
-        phase = Phase(stub, cfg, measured, bar, time.perf_counter() + cfg.duration)
+        phase = Phase(stub, cfg, measured, bar, time.perf_counter() + cfg.duration,
+                      security.metadata)
         try:
             await phase.run(cfg.open_loop, cfg.workers)
         finally:

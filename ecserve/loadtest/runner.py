@@ -35,8 +35,10 @@ class Phase:
     """Sends one list of requests (the warm-up, or the measured run) and records them."""
 
     def __init__(self, stub: Any, cfg: LoadTestConfig, specs: Sequence[RequestSpec],
-                 progress: Progress | None, stop_at: float) -> None:
+                 progress: Progress | None, stop_at: float,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.stub, self.cfg, self.specs, self.progress = stub, cfg, specs, progress
+        self.metadata = metadata  # the API key, when the server asks for one
         self.stop_at = stop_at  # perf_counter time after which nothing more is sent
         self.t0 = time.perf_counter()
         self.records: list[RequestRecord] = []
@@ -76,7 +78,8 @@ class Phase:
         rec.start = st - self.t0
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        call = self.stub.GenerateStream(req, timeout=self.cfg.timeout)
+        call = self.stub.GenerateStream(req, timeout=self.cfg.timeout,
+                                        metadata=self.metadata or None)
         count, last = 0, st
         try:
             async for msg in call:

@@ -19,7 +19,9 @@ from ecserve.config import ServerConfig
 from ecserve.engine.core import CoreSpec, EngineLoader
 from ecserve.engine.engine import Engine
 from ecserve.metrics import Metrics
+from ecserve.security import read_api_keys
 from ecserve.server.async_engine import AsyncEngine
+from ecserve.server.auth import ApiKeyInterceptor, server_credentials
 from ecserve.server.core_client import EngineCoreClient
 from ecserve.server.live import LiveEngine
 from ecserve.server.servicer import SERVICE, GenerationServicer
@@ -56,7 +58,14 @@ class Server:
         # past it gRPC refuses the message itself (RESOURCE_EXHAUSTED) before it is buffered.
         # gRPC sets SO_REUSEPORT by default: a second server would then bind the same port
         # silently and take half the connections. Off unless asked for.
-        self.grpc = grpc.aio.server(options=[
+        interceptors = []
+        if cfg.api_key_file is not None:
+            interceptors.append(ApiKeyInterceptor(read_api_keys(cfg.api_key_file),
+                                                  cfg.open_services, self._refused_key))
+        self._credentials = (server_credentials(cfg.tls_cert_file, cfg.tls_key_file,
+                                                cfg.tls_client_ca_file)
+                             if cfg.tls_cert_file and cfg.tls_key_file else None)
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", 4 * self.cfg.max_request_bytes),
             ("grpc.so_reuseport", int(self.cfg.reuse_port)),
         ])
@@ -71,7 +80,8 @@ class Server:
         await self._set_health(NOT_SERVING)
         address = f"{self.cfg.host}:{self.cfg.port}"
         try:
-            self.port = self.grpc.add_insecure_port(address)
+            self.port = (self.grpc.add_insecure_port(address) if self._credentials is None
+                         else self.grpc.add_secure_port(address, self._credentials))
         except RuntimeError as e:
             raise OSError(f"cannot listen on {address}: the address is in use or not this "
                           "machine's (another server? --port chooses another; --reuse-port "
@@ -120,6 +130,10 @@ class Server:
         while not (item := await queue.get()).finished:
             pass
         log.info("warm-up generation done (%s)", item.finish_reason)
+
+    def _refused_key(self) -> None:
+        if self.metrics is not None:
+            self.metrics.reject("UNAUTHENTICATED")
 
     def _engine_lost(self, reason: str) -> None:
         log.critical("the engine can run no further step (%s); stopping with exit code 1",
