@@ -60,6 +60,15 @@ def _server_args(p: argparse.ArgumentParser) -> None:
                         "port in use is refused at start")
     p.add_argument("--grace-period", type=float,
                    help="seconds live requests get to finish after SIGTERM (30)")
+    p.add_argument("--drain-delay", type=float, metavar="S",
+                   help="after SIGTERM, seconds of NOT_SERVING while new calls are still taken, "
+                        "so balancers stop sending before the port closes (0)")
+    p.add_argument("--max-connection-age", type=float, metavar="S",
+                   help="send clients GOAWAY after a connection's S seconds, so they reconnect "
+                        "and spread over the replicas (default: never)")
+    p.add_argument("--max-connection-age-grace", type=float, metavar="S",
+                   help="after that GOAWAY, seconds calls on the old connection may still run "
+                        "(default: no limit; make it longer than the longest generation)")
     p.add_argument("--max-request-bytes", type=int, help="largest request message (1 MiB)")
     p.add_argument("--default-max-new-tokens", type=int,
                    help="max_new_tokens when a request does not say (16)")

@@ -267,6 +267,13 @@ class ServerConfig:
     port: int = 50051  # 0: any free port
     reuse_port: bool = False  # SO_REUSEPORT: let several servers share the port on purpose
     grace_period: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    # seconds after SIGTERM with health NOT_SERVING but new calls still taken, so balancers
+    # stop sending before the port closes (a Kubernetes preStop pause does the same)
+    drain_delay: float = 0.0
+    # seconds before a connection is sent GOAWAY (clients reconnect, and may land on another
+    # replica); None: never. Its grace: how long calls on it may still run; None: no limit.
+    max_connection_age: float | None = None
+    max_connection_age_grace: float | None = None
     max_request_bytes: int = 1 << 20  # larger requests: INVALID_ARGUMENT (4x: refused by gRPC)
     default_max_new_tokens: int = 16  # when a request does not say
     max_stop_sequences: int = 8
@@ -297,8 +304,14 @@ class ServerConfig:
             if not 0 <= getattr(self, name) < 65536:
                 raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         _check_choice("expert_metrics", self.expert_metrics, ("full", "aggregate", "off"))
-        if not self.grace_period >= 0:
-            raise ConfigError(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        for name in ("grace_period", "drain_delay"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        for name in ("max_connection_age", "max_connection_age_grace"):
+            if (v := getattr(self, name)) is not None and not v > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {v}")
+        if self.max_connection_age_grace is not None and self.max_connection_age is None:
+            raise ConfigError("max_connection_age_grace needs max_connection_age")
         for name in ("max_request_bytes", "default_max_new_tokens", "max_stop_sequences",
                      "max_stop_sequence_length"):
             _check_positive(name, getattr(self, name))

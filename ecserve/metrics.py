@@ -22,9 +22,9 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ecserve.config import ModelConfig
@@ -175,9 +175,11 @@ class Metrics:
         """The text format Prometheus scrapes."""
         return generate_latest(self.registry)
 
-    def serve(self, host: str, port: int) -> tuple[Any, threading.Thread]:
-        """Serve /metrics over HTTP on its own thread; returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """(the scrape's body, its content type) in the format the Accept header asks:
+        Prometheus' text format, or OpenMetrics."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
 
 def _peak_rss_bytes() -> float:

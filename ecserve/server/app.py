@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-import socket
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ from ecserve.security import read_api_keys
 from ecserve.server.async_engine import AsyncEngine
 from ecserve.server.auth import ApiKeyInterceptor, server_credentials
 from ecserve.server.core_client import EngineCoreClient
+from ecserve.server.http import HttpEndpoints
 from ecserve.server.live import LiveEngine
 from ecserve.server.servicer import SERVICE, GenerationServicer
 from ecserve.types import Request, SamplingParams
@@ -51,7 +52,8 @@ class Server:
         self.failed = asyncio.Event()
         self.stop_now = asyncio.Event()  # ends a drain's grace period early (a second signal)
         self.metrics: Metrics | None = None
-        self._metrics_http: Any = None
+        self._http: HttpEndpoints | None = None
+        self._draining = False  # from the first moment of a drain (its delay included)
         self.port = self.metrics_port = 0
         self.health = health.aio.HealthServicer()
         # Past max_request_bytes the servicer answers INVALID_ARGUMENT naming the field; far
@@ -65,10 +67,16 @@ class Server:
         self._credentials = (server_credentials(cfg.tls_cert_file, cfg.tls_key_file,
                                                 cfg.tls_client_ca_file)
                              if cfg.tls_cert_file and cfg.tls_key_file else None)
-        self.grpc = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", 4 * self.cfg.max_request_bytes),
-            ("grpc.so_reuseport", int(self.cfg.reuse_port)),
-        ])
+        options = [("grpc.max_receive_message_length", 4 * cfg.max_request_bytes),
+                   ("grpc.so_reuseport", int(cfg.reuse_port))]
+        if cfg.max_connection_age is not None:
+            # GOAWAY after this long, so clients reconnect and long-lived HTTP/2 connections
+            # spread again over the replicas a balancer has now.
+            options.append(("grpc.max_connection_age_ms", int(cfg.max_connection_age * 1000)))
+            if cfg.max_connection_age_grace is not None:
+                options.append(("grpc.max_connection_age_grace_ms",
+                                int(cfg.max_connection_age_grace * 1000)))
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=options)
         self.grpc.add_generic_rpc_handlers([self.servicer.handler()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -86,8 +94,8 @@ class Server:
             raise OSError(f"cannot listen on {address}: the address is in use or not this "
                           "machine's (another server? --port chooses another; --reuse-port "
                           f"shares one on purpose) ({e})") from None
-        if self.cfg.metrics and self.cfg.metrics_port:
-            _check_free(self.cfg.metrics_host or self.cfg.host, self.cfg.metrics_port)
+        if self.cfg.metrics:
+            self._start_http()
         await self.grpc.start()
         log.info("health NOT_SERVING on %s:%d while the model loads", self.cfg.host, self.port)
         live = await self._start_engine()
@@ -117,11 +125,42 @@ class Server:
         exchange = live.expert_traffic if live.expert_traffic() is not None else None
         self.metrics = Metrics(info.model_cfg, info.device, self.cfg.expert_metrics,
                                info.held_experts, exchange, core_pid=live.core_pid)
-        host = self.cfg.metrics_host or self.cfg.host
-        self._metrics_http, _ = self.metrics.serve(host, self.cfg.metrics_port)
-        self.metrics_port = self._metrics_http.server_port
         live.observer = self.servicer.metrics = self.metrics
-        log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+
+    def _start_http(self) -> None:
+        """/metrics, /healthz, /readyz: bound now, so probes answer while the model loads."""
+        host = self.cfg.metrics_host or self.cfg.host
+        try:
+            self._http = HttpEndpoints(host, self.cfg.metrics_port, self._ready, self._alive,
+                                       self._scrape)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{self.cfg.metrics_port}: "
+                          f"{e.strerror} (another server? --metrics-port chooses another, "
+                          "0 any)") from None
+        self.metrics_port = self._http.port
+        log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", host,
+                 self.metrics_port)
+
+    def _ready(self) -> tuple[bool, str]:
+        """For /readyz (called on the HTTP thread): takes new work now?"""
+        live = self.servicer.engine
+        if live is not None and live.lost is not None:
+            return False, f"the engine stopped: {live.lost}"
+        if self._draining:
+            return False, "draining"
+        if live is None:
+            return False, "loading the model"
+        return True, "ready"
+
+    def _alive(self) -> tuple[bool, str]:
+        """For /healthz: false only once the engine can run no further step."""
+        live = self.engine
+        if live is not None and live.lost is not None:
+            return False, f"the engine stopped: {live.lost}"
+        return True, "alive"
+
+    def _scrape(self, accept: str) -> tuple[bytes, str] | None:
+        return None if self.metrics is None else self.metrics.render(accept)
 
     async def _warmup(self, live: LiveEngine) -> None:
         """One short generation, so the first client does not pay for lazy initialisation."""
@@ -149,14 +188,21 @@ class Server:
         await self.grpc.stop(None)
         if self.engine is not None:
             await self.engine.stop()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        if self._http is not None:
+            self._http.close()
 
     async def drain(self, grace: float) -> None:
-        """Stop taking requests, let live ones finish for up to `grace` seconds, then stop."""
-        self.servicer.draining = True
+        """Report NOT_SERVING, keep taking requests for the drain delay (balancers notice
+        meanwhile), then refuse new ones, let live ones finish for up to `grace` seconds, and
+        stop."""
+        self._draining = True
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING from now on
+        delay = self.cfg.drain_delay
+        if delay > 0 and not self.failed.is_set() and not self.stop_now.is_set():
+            log.info("NOT_SERVING; still taking requests for the drain delay (%.1f s)", delay)
+            with contextlib.suppress(asyncio.TimeoutError):  # a second signal ends it early
+                await asyncio.wait_for(self.stop_now.wait(), delay)
+        self.servicer.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         live = self.engine
@@ -173,9 +219,8 @@ class Server:
         await self.grpc.stop(grace=1.0)
         if live is not None:
             await live.stop()
-        if self._metrics_http is not None:  # last, so a final scrape sees the drain
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        if self._http is not None:  # last, so a final scrape sees the drain
+            self._http.close()
         log.info("drained; stopped")
 
 
@@ -288,18 +333,6 @@ def serve(engine: Callable[[], Engine] | EngineCoreClient, cfg: ServerConfig) ->
     code = 0
     _run(main())
     return code
-
-
-def _check_free(host: str, port: int) -> None:
-    """The metrics port, checked before the model loads rather than failing after it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server does
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror} (another "
-                          "server? --metrics-port chooses another, 0 any)") from None
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
