@@ -26,6 +26,12 @@ def test_every_manifest_validates_strictly():
     assert out.stdout.count("passed") == len(docs())
 
 
+def test_everything_lives_in_the_ecserve_namespace():
+    for d in docs():
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "ecserve", d["metadata"]["name"]
+
+
 def arg(args: list[str], flag: str) -> float:
     return float(next(a.split("=", 1)[1] for a in args if a.startswith(flag + "=")))
 
