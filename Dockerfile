@@ -21,6 +21,11 @@ FROM ${BASE_IMAGE} AS builder
 # replaces it with PyPI's). Pin with e.g. --build-arg TORCH_SPEC=torch==2.6.0.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_SPEC=torch
+# Builds without PyTorch's index or with an intercepting proxy (deploy/build-image.sh): a wheel
+# directory mounted for the build, and the host's CA bundle for pip. Build arguments, so they
+# reach the build's RUN steps and never the image.
+ARG PIP_FIND_LINKS=
+ARG PIP_CERT=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_INPUT=1 \
     DEBIAN_FRONTEND=noninteractive
