@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ecserve.engine.engine import Engine
-from ecserve.server.live import EngineInfo, Item, Observer, Traffic
+from ecserve.engine.engine import Engine, EngineObserver
+from ecserve.server.live import EngineInfo, Item, Traffic
 from ecserve.types import FinishReason, Request, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,11 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="ecserve-engine", daemon=True)
 
     @property
-    def observer(self) -> Observer | None:
+    def observer(self) -> EngineObserver | None:
         return self.engine.observer
 
     @observer.setter
-    def observer(self, observer: Observer | None) -> None:
+    def observer(self, observer: EngineObserver | None) -> None:
         self.engine.observer = observer  # called on the worker thread, as Metrics allows
 
     @property

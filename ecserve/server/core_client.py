@@ -31,11 +31,12 @@ import zmq.asyncio
 from ecserve.config import ConfigError
 from ecserve.engine.core import CoreSpec, EngineLoader, run_core
 from ecserve.engine.core_protocol import Codec, CoreInput, CoreOutput, CoreReady
+from ecserve.engine.engine import EngineObserver
 from ecserve.engine.limits import RequestError
 from ecserve.engine.text import TextStage
 from ecserve.model.checkpoint import CheckpointError
 from ecserve.model.default import default_model_dir
-from ecserve.server.live import EngineInfo, Item, Observer, Traffic
+from ecserve.server.live import EngineInfo, Item, Traffic
 from ecserve.tokenizer import load_tokenizer
 from ecserve.types import FinishReason, Request, TokenEvent
 
@@ -70,7 +71,7 @@ class EngineCoreClient:
         self.load, self.spec = load, spec
         self.model_dir = Path(model) if model else default_model_dir()
         self.info: EngineInfo
-        self.observer: Observer | None = None
+        self.observer: EngineObserver | None = None
         self.on_lost: Callable[[str], None] | None = None
         self._lost: str | None = None
         self._codec = Codec()

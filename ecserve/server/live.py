@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ecserve.config import ModelConfig
+from ecserve.engine.engine import EngineObserver
 from ecserve.tokenizer import Tokenizer
-from ecserve.types import Request, RequestStats, StepStats, TokenEvent
+from ecserve.types import Request, TokenEvent
 
 Item = TokenEvent | Exception  # what a request's queue carries; an Exception ends the request
 Traffic = dict[int, tuple[Any, int]]  # MoE layer -> ([W, W] rows sent src -> dst, calls)
@@ -34,16 +35,10 @@ class EngineInfo:
         return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt)
 
 
-class Observer(Protocol):
-    def step_done(self, stats: StepStats) -> None: ...
-
-    def request_done(self, stats: RequestStats) -> None: ...
-
-
 class LiveEngine(Protocol):
     info: EngineInfo
     on_lost: Callable[[str], None] | None  # called on the event loop, once
-    observer: Observer | None  # the metrics; set once serving starts
+    observer: EngineObserver | None  # the metrics; set once serving starts
 
     @property
     def lost(self) -> str | None: ...
