@@ -56,10 +56,6 @@ class Server:
         self._draining = False  # from the first moment of a drain (its delay included)
         self.port = self.metrics_port = 0
         self.health = health.aio.HealthServicer()
-        # Past max_request_bytes the servicer answers INVALID_ARGUMENT naming the field; far
-        # past it gRPC refuses the message itself (RESOURCE_EXHAUSTED) before it is buffered.
-        # gRPC sets SO_REUSEPORT by default: a second server would then bind the same port
-        # silently and take half the connections. Off unless asked for.
         interceptors = []
         if cfg.api_key_file is not None:
             interceptors.append(ApiKeyInterceptor(read_api_keys(cfg.api_key_file),
@@ -67,6 +63,10 @@ class Server:
         self._credentials = (server_credentials(cfg.tls_cert_file, cfg.tls_key_file,
                                                 cfg.tls_client_ca_file)
                              if cfg.tls_cert_file and cfg.tls_key_file else None)
+        # Past max_request_bytes the servicer answers INVALID_ARGUMENT naming the field; far
+        # past it gRPC refuses the message itself (RESOURCE_EXHAUSTED) before it is buffered.
+        # gRPC sets SO_REUSEPORT by default: a second server would then bind the same port
+        # silently and take half the connections. Off unless asked for.
         options = [("grpc.max_receive_message_length", 4 * cfg.max_request_bytes),
                    ("grpc.so_reuseport", int(cfg.reuse_port))]
         if cfg.max_connection_age is not None:
