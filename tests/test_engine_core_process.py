@@ -198,10 +198,15 @@ def test_sigterm_stops_the_core_and_a_dead_front_end_takes_it_along(make_model, 
     assert proc.wait(timeout=30) == 0, log_path.read_text()
     wait_for(lambda: gone(pid), 10, "the core to stop after the drain")
 
-    proc, _, log_path = start_server(make_model, tmp_path)
+    proc, address, log_path = start_server(make_model, tmp_path)
     pid = core_pid(log_path)
+    # Busy: the core has frames to send to a front end that is about to vanish.
+    client = Client(address, timeout=60)
+    stream = client.stream("orphan", max_new_tokens=240, ignore_eos=True)
+    next(stream)
     proc.kill()  # no drain, no word to the core
     proc.wait(timeout=10)
     t0 = time.monotonic()
-    wait_for(lambda: gone(pid), 10, "the orphaned core to notice and stop")
-    assert time.monotonic() - t0 < 5
+    wait_for(lambda: gone(pid), 15, "the orphaned core to notice and stop")
+    assert time.monotonic() - t0 < 10
+    client.close()

@@ -92,13 +92,18 @@ def run_core(load: EngineLoader, spec: CoreSpec, input_addr: str, output_addr: s
         expert_parallel=bool(engine.runner.expert_traffic())))))
     core = EngineCore(engine)
     try:
-        core.run(inputs, outputs, parent_pid)
+        settled = core.run(inputs, outputs, parent_pid)
     finally:
         if close is not None:
             close()
-        inputs.close()
-        outputs.close()
-        ctx.term()
+    if not settled:
+        # The writer is stuck sending to a front end that is gone (a PUSH socket without a
+        # peer blocks): nothing is left to deliver, and closing its socket would block too.
+        log.warning("engine core stopped without its front end")
+        os._exit(1)
+    inputs.close()
+    outputs.close()
+    ctx.term()
     log.info("engine core stopped")
 
 
@@ -121,7 +126,9 @@ class EngineCore:
     def request_done(self, stats: RequestStats) -> None:
         self._finished.append(stats)
 
-    def run(self, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> None:
+    def run(self, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> bool:
+        """Step until told to stop (or the front end is gone); True when both I/O threads
+        ended, False when one is stuck on its socket."""
         codec = Codec()
         reader = threading.Thread(target=self._read, args=(inputs, codec, parent_pid),
                                   name="ecserve-core-in", daemon=True)
@@ -133,8 +140,9 @@ class EngineCore:
             self._loop()
         finally:
             self.outputs.put(None)
-            writer.join()
+            writer.join(timeout=5.0)
             reader.join(timeout=2.0)  # it ends on the stop frame (or the parent's death)
+        return not writer.is_alive() and not reader.is_alive()
 
     def _loop(self) -> None:
         engine = self.engine
