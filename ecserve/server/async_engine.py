@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ecserve.engine.engine import Engine, EngineObserver
-from ecserve.server.live import EngineInfo, Item, Traffic
+from ecserve.server.live import EngineInfo, Item, Traffic, deliver
 from ecserve.types import FinishReason, Request, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -194,14 +194,8 @@ class AsyncEngine:
     # ---------------------------------------------------------------- event loop
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
-        for event in events:
-            queue = self._streams.get(event.request_id)
-            if queue is None:  # cancelled by its client meanwhile
-                continue
-            queue.put_nowait(event)
-            if event.finished:
-                del self._streams[event.request_id]
-                self._prompt_tokens.pop(event.request_id, None)
+        for rid in deliver(self._streams, events):
+            self._prompt_tokens.pop(rid, None)
 
     def _finish_cancelled(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -36,7 +36,7 @@ from ecserve.engine.limits import RequestError
 from ecserve.engine.text import TextStage
 from ecserve.model.checkpoint import CheckpointError
 from ecserve.model.default import default_model_dir
-from ecserve.server.live import EngineInfo, Item, Traffic
+from ecserve.server.live import EngineInfo, Item, Traffic, deliver
 from ecserve.tokenizer import load_tokenizer
 from ecserve.types import FinishReason, Request, TokenEvent
 
@@ -263,14 +263,8 @@ class EngineCoreClient:
             for rid in out.step.admitted:
                 self._waiting.pop(rid, None)
         events, stopped = self._text.process(out.events)
-        for ev in events:
-            queue = self._streams.get(ev.request_id)
-            if queue is None:  # cancelled by its client meanwhile
-                continue
-            queue.put_nowait(ev)
-            if ev.finished:
-                del self._streams[ev.request_id]
-                self._waiting.pop(ev.request_id, None)
+        for rid in deliver(self._streams, events):
+            self._waiting.pop(rid, None)
         for rid in stopped:  # the text reached a stop sequence: the core still runs it
             self._abort(rid, FinishReason.STOP_SEQUENCE)
         for rid, why in out.refused:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +33,22 @@ class EngineInfo:
         """Prompt text -> ids, with the model's BOS token first when it has one."""
         bos = self.model_cfg.bos_token_id
         return ([bos] if bos is not None else []) + self.tokenizer.encode(prompt)
+
+
+def deliver(streams: dict[str, asyncio.Queue[Item]], events: Iterable[TokenEvent]
+            ) -> list[str]:
+    """Put each event on its request's queue (dropped when its client left meanwhile); the ids
+    of the streams that just finished, which are removed from `streams`."""
+    finished = []
+    for event in events:
+        queue = streams.get(event.request_id)
+        if queue is None:
+            continue
+        queue.put_nowait(event)
+        if event.finished:
+            del streams[event.request_id]
+            finished.append(event.request_id)
+    return finished
 
 
 class LiveEngine(Protocol):
