@@ -13,13 +13,12 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ecserve.security import ClientSecurity
+from ecserve.security import DEFAULT_ADDRESS, ClientSecurity
 from ecserve.v1 import generation_pb2 as pb
 from ecserve.v1 import generation_pb2_grpc as pb_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 ROUTING_SCOPES = {None: pb.ROUTING_SCOPE_UNSPECIFIED, "batch": pb.ROUTING_SCOPE_BATCH,
-           "sequence": pb.ROUTING_SCOPE_SEQUENCE}
+                  "sequence": pb.ROUTING_SCOPE_SEQUENCE}
 
 
 def build_request(

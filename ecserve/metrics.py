@@ -27,10 +27,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from ecserve.config import ModelConfig
+from ecserve.config import EXPERT_METRICS, ExpertMetrics, ModelConfig
+from ecserve.config.fields import check_choice
 from ecserve.types import FinishReason, MoEStats, RequestStats, StepStats
-
-EXPERT_MODES = ("full", "aggregate", "off")  # per-expert series: each, summed per layer, none
 
 # Buckets suited to LLM serving: vLLM's, extended down to the millisecond steps of small
 # models (and up, for long generations).
@@ -49,7 +48,7 @@ POW2_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192 tokens
 class Metrics:
     """The exporter: an EngineObserver (engine.observer = metrics) with its own registry."""
 
-    def __init__(self, model_cfg: ModelConfig, device: str, expert_mode: str = "full",
+    def __init__(self, model_cfg: ModelConfig, device: str, expert_mode: ExpertMetrics = "full",
                  experts_on_device: int | None = None,
                  exchange: Callable[[], dict[int, tuple[Any, int]]] | None = None,
                  core_pid: int | None = None) -> None:
@@ -59,9 +58,7 @@ class Metrics:
         so far, calls), read at scrape time (ecserve.parallel.moe_ep.traffic).
         core_pid: the engine-core process, when the engine runs in one: its process_* series
         appear beside this process's, as ecserve_engine_core_process_*."""
-        if expert_mode not in EXPERT_MODES:
-            raise ValueError(f"expert_metrics must be one of {', '.join(EXPERT_MODES)}, "
-                             f"got {expert_mode!r}")
+        check_choice("expert_metrics", expert_mode, EXPERT_METRICS)
         self.registry = r = CollectorRegistry()
         self.device = device
 

@@ -1,20 +1,24 @@
-"""TLS, mutual TLS and API keys, as clients use them (the server's side: server/auth.py).
+"""TLS, mutual TLS and API keys, as clients use them (the server's side: server/auth.py), and
+the options of every command that calls a server.
 
-Light (grpc is imported when a channel is made), so every command's flags can come from here.
+Light (grpc is imported when a channel is made), so the command line's parser can use it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ecserve.config.fields import flag
+from ecserve.errors import ConfigError
+
 API_KEY_ENV = "ECSERVE_API_KEY"
+DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
-class SecurityError(ValueError):
+class SecurityError(ConfigError):
     """A certificate, key or key file that cannot be used; the message names the file."""
 
 
@@ -37,9 +41,6 @@ def read_api_keys(path: str) -> tuple[bytes, ...]:
     if not keys:
         raise SecurityError(f"API key file {path}: no key in it")
     return keys
-
-
-
 
 
 @dataclass(frozen=True)
@@ -98,22 +99,27 @@ class ClientSecurity:
         return grpc.aio.secure_channel(address, creds, options)
 
 
-def add_client_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of every command that calls a server."""
-    p.add_argument("--tls", action="store_true",
-                   help="connect with TLS, checking the server against the system's CAs")
-    p.add_argument("--tls-ca-file", metavar="PEM", help="TLS, checking the server against this CA")
-    p.add_argument("--tls-cert-file", metavar="PEM",
-                   help="mutual TLS: this client's certificate (with --tls-key-file)")
-    p.add_argument("--tls-key-file", metavar="PEM", help="mutual TLS: this client's key")
-    p.add_argument("--tls-server-name", metavar="NAME",
-                   help="the name the server's certificate must carry (default: the host)")
-    p.add_argument("--api-key-file", metavar="PATH",
-                   help=f"send the key in this file as a bearer token (default: ${API_KEY_ENV})")
+@dataclass(frozen=True)
+class ClientOptions:
+    """How a command (client, health, bench) reaches a server: its flags."""
 
+    address: str = field(default=DEFAULT_ADDRESS, metadata=flag(metavar="HOST:PORT"))
+    """The server's gRPC address."""
+    tls: bool = False
+    """Connect with TLS, checking the server against the system's CAs."""
+    tls_ca_file: str | None = field(default=None, metadata=flag(metavar="PEM"))
+    """Connect with TLS, checking the server against this CA."""
+    tls_cert_file: str | None = field(default=None, metadata=flag(metavar="PEM"))
+    """Mutual TLS: this client's certificate (with tls_key_file)."""
+    tls_key_file: str | None = field(default=None, metadata=flag(metavar="PEM"))
+    """Mutual TLS: this client's key."""
+    tls_server_name: str | None = field(default=None, metadata=flag(metavar="NAME"))
+    """The name the server's certificate must carry; default: the address's host."""
+    api_key_file: str | None = field(default=None, metadata=flag(metavar="PATH"))
+    """Send the first key in this file as a bearer token; default: $ECSERVE_API_KEY."""
 
-def client_security(args: argparse.Namespace) -> ClientSecurity:
-    key = (read_api_keys(args.api_key_file)[0].decode() if args.api_key_file
-           else os.environ.get(API_KEY_ENV) or None)
-    return ClientSecurity(args.tls, args.tls_ca_file, args.tls_cert_file, args.tls_key_file,
-                          args.tls_server_name, key)
+    def security(self) -> ClientSecurity:
+        key = (read_api_keys(self.api_key_file)[0].decode() if self.api_key_file
+               else os.environ.get(API_KEY_ENV) or None)
+        return ClientSecurity(self.tls, self.tls_ca_file, self.tls_cert_file, self.tls_key_file,
+                              self.tls_server_name, key)

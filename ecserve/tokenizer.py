@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ecserve.errors import ConfigError
 from ecserve.readable import check_readable
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -93,7 +94,8 @@ def load_tokenizer(
             if got is not None and got != want
         ]
         if bad:
-            raise ValueError("tokenizer 'byte' does not match the config: " + ", ".join(bad))
+            raise ConfigError("tokenizer 'byte' does not match the config: " + ", ".join(bad),
+                              field="tokenizer")
         return ByteTokenizer()
     if kind == "huggingface":
         path = Path(model_dir) / "tokenizer.json"
@@ -106,7 +108,8 @@ def load_tokenizer(
             )
         check_readable(path)
         return HFTokenizer(path, bos_token_id, eos_token_id)
-    raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'byte' or 'huggingface'")
+    raise ConfigError(f"unknown tokenizer kind {kind!r}: expected 'byte' or 'huggingface'",
+                      field="tokenizer")
 
 
 # Prompt ids kept as left context, so the first generated token decodes as it would mid-text

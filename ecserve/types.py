@@ -6,84 +6,17 @@ Data flows one way: Request -> (batcher) StepPlan -> (runner) logits + StepStats
 
 from __future__ import annotations
 
-import enum
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+# What a request asks (light, no torch: clients and the command line import it from there).
+from ecserve.request import FinishReason, Request, SamplingParams
 
-class FinishReason(str, enum.Enum):
-    """Why a request stopped producing tokens."""
-
-    LENGTH = "length"  # max_new_tokens reached
-    EOS = "eos"  # the model's end-of-sequence token
-    STOP_TOKEN = "stop_token"  # one of the request's stop_token_ids
-    STOP_SEQUENCE = "stop_sequence"  # the text reached one of the request's stop_sequences
-    TIME_LIMIT = "time_limit"  # the request's time_limit passed
-    ABORTED = "aborted"  # cancelled by the caller
-    ERROR = "error"  # the step running the request failed
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens and when to stop. Greedy unless temperature > 0."""
-
-    max_new_tokens: int = 16  # most tokens to generate
-    min_new_tokens: int = 0  # EOS, stop tokens and stop sequences wait for this many tokens
-    temperature: float = 0.0  # 0: greedy (argmax); > 0 divides the logits before sampling
-    top_k: int = 0  # keep the k most likely tokens; 0: all
-    top_p: float = 1.0  # keep the smallest set of tokens with this much probability; 1: all
-    seed: int | None = None  # per-request RNG seed; None: one is drawn and reported
-    stop_token_ids: tuple[int, ...] = ()  # generation ends after any of these (it is kept)
-    stop_sequences: tuple[str, ...] = ()  # generation ends when the text contains one of these
-    include_stop_sequence: bool = False  # keep the matched stop sequence in the text
-    ignore_eos: bool = False  # keep going past the model's EOS token
-    time_limit: float | None = None  # seconds from arrival, after which the request stops
-    logprobs: int | None = None  # None: none; n >= 0: the token's logprob and the top n others
-    # None: none; n >= 0: each prompt token's logprob given the tokens before it (None for the
-    # first), and the top n others, computed in the engine's prefill steps (its grouping)
-    prompt_logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
-                f"got {self.min_new_tokens}"
-            )
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if any(not s for s in self.stop_sequences):
-            raise ValueError("stop_sequences must not contain an empty string")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass(frozen=True)
-class Request:
-    """One generation request, as the engine receives it."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    routing_scope: str | None = None  # batch | sequence; None: the model's default
-    arrival_time: float | None = None  # time.monotonic() when it arrived; None: when queued
+__all__ = [
+    "FinishReason", "MoEStats", "Request", "RequestStats", "SamplingParams", "ScheduledChunk",
+    "StepPlan", "StepStats", "TokenEvent", "TokenLogprobs",
+]
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ def test_one_token_is_singular_and_the_help_gives_the_default(model_dir):
                   "--device", "cpu")
     assert res.returncode == 0, res.stderr
     assert "[1 token, finish: length, seed: " in res.stderr
-    assert "tokens to generate (64)" in " ".join(ecserve("generate", "--help").stdout.split())
+    assert "Most tokens to generate (default: 64)." in " ".join(
+        ecserve("generate", "--help").stdout.split())
 
 
 def test_generate_with_a_seed_is_reproducible(model_dir, llm):

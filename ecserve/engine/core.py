@@ -26,6 +26,7 @@ import zmq
 from ecserve.config import EngineConfig
 from ecserve.engine.core_protocol import Codec, CoreHello, CoreInput, CoreOutput, CoreReady
 from ecserve.engine.engine import Engine
+from ecserve.errors import UserError
 from ecserve.types import RequestStats, StepPlan, StepStats
 
 log = logging.getLogger("ecserve.core")
@@ -78,7 +79,8 @@ def run_core(load: EngineLoader, spec: CoreSpec, input_addr: str, output_addr: s
         engine, close = load(detokenize=False)
     except Exception as e:  # the front end reports it (one line) and exits 2
         log.debug("the engine core could not load its model", exc_info=True)
-        outputs.send(codec.encode(CoreHello(error=f"{e}", error_type=type(e).__name__)))
+        outputs.send(codec.encode(CoreHello(error=f"{e}", error_type=type(e).__name__,
+                                             user_error=isinstance(e, UserError))))
         inputs.close()
         outputs.close()
         ctx.term()

@@ -40,6 +40,7 @@ class CoreHello:
     ready: CoreReady | None = None
     error: str = ""  # the load's exception, "Type: message"
     error_type: str = ""  # its class name, so the front end raises the same kind
+    user_error: bool = False  # it was bad input (ecserve.errors.UserError), not a bug
 
 
 @dataclass

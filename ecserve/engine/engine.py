@@ -5,7 +5,6 @@ New requests join between steps (continuous batching); the server drives the sam
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import secrets
 import time
@@ -15,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from ecserve.config import ConfigError, EngineConfig, ModelConfig
+from ecserve.config import ConfigError, EngineConfig, ModelConfig, resolve_engine
 from ecserve.engine.batcher import Batcher
 from ecserve.engine.kv_cache import BlockManager
 from ecserve.engine.limits import RequestError, RequestLimits
@@ -85,25 +84,18 @@ class Engine:
         self.cfg = cfg = cfg or EngineConfig()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.model_name = self.model_dir.name if model_dir is not None else "default"
-        self.model_cfg: ModelConfig = with_routing_overrides(read_config(self.model_dir), cfg)
+        resolved = resolve_engine(read_config(self.model_dir), cfg)
+        self.model_cfg: ModelConfig = resolved.model
         mc = self.model_cfg
         self.tokenizer = load_tokenizer(self.model_dir, mc.tokenizer, mc.bos_token_id,
                                         mc.eos_token_id)
         if self.tokenizer.vocab_size > mc.vocab_size:
             raise ConfigError(f"vocab_size={mc.vocab_size} is smaller than the tokenizer's "
-                              f"{self.tokenizer.vocab_size} ids")
-        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={mc.max_position_embeddings}")
-        if cfg.max_num_batched_tokens < max(cfg.max_num_seqs, mc.routing.group_size):
-            raise ValueError(
-                f"max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= max_num_seqs="
-                f"{cfg.max_num_seqs} and >= routing.group_size={mc.routing.group_size}"
-            )
+                              f"{self.tokenizer.vocab_size} ids", field="vocab_size")
+        self.max_model_len = resolved.max_model_len
         device = torch.device(cfg.device if cfg.device != "auto"
                               else "cuda" if torch.cuda.is_available() else "cpu")
-        self.device, self.dtype_name = device, cfg.dtype or mc.dtype
+        self.device, self.dtype_name = device, resolved.dtype
         model = load_model(self.model_dir, mc, device, TORCH_DTYPES[self.dtype_name],
                            experts=experts)
         num_blocks = self._num_kv_blocks(model, device)
@@ -155,8 +147,9 @@ class Engine:
         useful = self.cfg.max_num_seqs * -(-self.max_model_len // self.cfg.block_size)
         blocks = min(budget // per_block, useful)
         if blocks < 1:
-            raise ValueError(f"KV cache budget of {budget} bytes holds no block "
-                             f"({per_block} bytes per {self.cfg.block_size}-token block)")
+            raise ConfigError(f"KV cache budget of {budget} bytes holds no block "
+                              f"({per_block} bytes per {self.cfg.block_size}-token block)",
+                              field="kv_cache_bytes")
         return blocks
 
     # ---------------------------------------------------------------- requests
@@ -195,7 +188,7 @@ class Engine:
     def validate(self, r: Request) -> None:
         """Raise RequestError naming the field if the engine cannot serve `r` as given."""
         if r.request_id in self.seqs:
-            raise RequestError(f"request_id {r.request_id!r} is already in use")
+            raise RequestError("request_id", f" {r.request_id!r} is already in use")
         self.limits.validate(r)
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORTED) -> bool:
@@ -330,16 +323,6 @@ class Engine:
         del self.seqs[seq.request_id]
         if self.observer is not None:
             self.observer.request_done(request_stats(seq, time.monotonic(), self))
-
-
-def with_routing_overrides(mc: ModelConfig, cfg: EngineConfig) -> ModelConfig:
-    """The checkpoint's config with the engine's routing_policy / max_experts_per_token."""
-    changes = {k: v for k, v in (("policy", cfg.routing_policy),
-                                 ("max_experts_per_token", cfg.max_experts_per_token))
-               if v is not None}
-    if not changes:
-        return mc
-    return dataclasses.replace(mc, routing=dataclasses.replace(mc.routing, **changes))
 
 
 def request_stats(seq: Sequence, now: float, engine: Engine) -> RequestStats:

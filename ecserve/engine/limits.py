@@ -11,11 +11,10 @@ import math
 from dataclasses import dataclass
 
 from ecserve.config import SCOPES
+from ecserve.errors import RequestError
 from ecserve.types import Request
 
-
-class RequestError(ValueError):
-    """A request the engine cannot serve as given; the message names the field."""
+__all__ = ["QueueFullError", "RequestError", "RequestLimits"]
 
 
 class QueueFullError(RuntimeError):
@@ -35,34 +34,35 @@ class RequestLimits:
         """Raise RequestError naming the field if the engine cannot serve `r` as given."""
         vocab, p = self.vocab_size, r.params
         if not r.prompt_token_ids:
-            raise RequestError("prompt: empty (a prompt needs at least one token)")
+            raise RequestError("prompt", ": empty (a prompt needs at least one token)")
         if len(r.prompt_token_ids) > self.max_waiting_tokens:
-            raise RequestError(f"prompt: {len(r.prompt_token_ids)} tokens is more than the queue "
-                               f"takes (max_waiting_tokens={self.max_waiting_tokens})")
+            raise RequestError("prompt", f": {len(r.prompt_token_ids)} tokens is more than the "
+                               f"queue takes (max_waiting_tokens={self.max_waiting_tokens})")
         bad = [t for t in r.prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise RequestError(f"prompt: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+            raise RequestError("prompt", f": token id(s) {bad[:5]} outside the vocabulary "
+                               f"[0, {vocab})")
         bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
         if bad:
-            raise RequestError(f"stop_token_ids: {bad[:5]} outside the vocabulary [0, {vocab})")
+            raise RequestError("stop_token_ids",
+                               f": {bad[:5]} outside the vocabulary [0, {vocab})")
         for name in ("logprobs", "prompt_logprobs"):
             if (n := getattr(p, name)) is not None and n > vocab:
-                raise RequestError(f"{name}: {n} alternatives asked, the vocabulary has {vocab}")
+                raise RequestError(name, f": {n} alternatives asked, the vocabulary has {vocab}")
         if r.routing_scope is not None and r.routing_scope not in SCOPES:
-            raise RequestError(f"routing_scope: {r.routing_scope!r} is not one of "
+            raise RequestError("routing_scope", f": {r.routing_scope!r} is not one of "
                                f"{', '.join(SCOPES)}")
         total = len(r.prompt_token_ids) + p.max_new_tokens
         if total > self.max_model_len:
             raise RequestError(
-                f"prompt ({len(r.prompt_token_ids)} tokens) + max_new_tokens ({p.max_new_tokens})"
-                f" = {total} exceeds the context of {self.max_model_len} tokens"
-            )
+                "prompt", f" ({len(r.prompt_token_ids)} tokens) + max_new_tokens "
+                f"({p.max_new_tokens}) = {total} exceeds the context of {self.max_model_len} "
+                "tokens")
         need = math.ceil((total - 1) / self.block_size)
         if need > self.num_blocks:
             raise RequestError(
-                f"prompt + max_new_tokens needs {need} KV blocks but the whole cache has "
-                f"{self.num_blocks}; lower max_new_tokens or raise the KV cache budget"
-            )
+                "prompt", f" + max_new_tokens needs {need} KV blocks but the whole cache has "
+                f"{self.num_blocks}; lower max_new_tokens or raise the KV cache budget")
 
     def check_room(self, waiting: int, waiting_tokens: int, num_requests: int,
                    num_tokens: int) -> None:

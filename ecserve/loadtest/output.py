@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ecserve.errors import ConfigError
 from ecserve.loadtest.config import LoadTestConfig
 from ecserve.loadtest.environment import hardware
 from ecserve.loadtest.records import LoadTestResult
@@ -49,7 +50,7 @@ def check_writable(flag: str, directory: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=directory):
             pass
     except OSError as e:
-        raise ValueError(f"{flag}: cannot write in {directory}: {e.strerror or e}") from None
+        raise ConfigError(f"{flag}: cannot write in {directory}: {e.strerror or e}") from None
 
 
 def write_json(path: str, doc: dict[str, Any]) -> None:

@@ -8,17 +8,18 @@ from typing import Any
 
 import numpy as np
 
+from ecserve.errors import ConfigError
 from ecserve.loadtest.records import RequestRecord
 
 MISSING = "--plot-dir needs matplotlib: pip install 'ecserve[plots]' (or matplotlib>=3.7)"
 
 
 def require_matplotlib() -> Any:
-    """matplotlib.pyplot on the Agg backend; RuntimeError with the install hint if missing."""
+    """matplotlib.pyplot on the Agg backend; ConfigError with the install hint if missing."""
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError(MISSING) from None
+        raise ConfigError(MISSING, field="plot_dir") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

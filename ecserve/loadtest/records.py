@@ -54,7 +54,7 @@ class LoadTestResult:
     sent: int
     max_in_flight: int  # most requests in flight at once, as seen by the load generator
     start_time: str  # ISO 8601, UTC
-    stopped_by: str  # "num_requests" or "duration"
+    stopped_by: str  # "num_requests", "duration" or "interrupt" (Ctrl-C)
     warmup_failed: int = 0
     model_info: dict[str, Any] = field(default_factory=dict)  # the server's ModelInfo
     server_memory: dict[str, float | None] = field(default_factory=dict)

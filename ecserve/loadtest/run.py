@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import signal
 import sys
+import threading
 import time
 
 import grpc
@@ -25,12 +27,16 @@ def run_load_test(cfg: LoadTestConfig, progress: bool | None = None,
                   security: ClientSecurity | None = None) -> LoadTestResult:
     """Run `cfg` to the end in an event loop of its own (uvloop when installed).
 
-    Raises ValueError for a bad config (or lengths past the server's max_model_len) and
+    Raises ConfigError for a bad config (or lengths past the server's max_model_len) and
     ServerUnreachable when the server does not answer ModelInfo within cfg.connect_timeout.
-    `progress`: draw the progress bar on stderr (default: cfg.progress). `security`: TLS and
+    `progress`: draw the progress bar on stderr (default: cfg.progress, else when stderr is
+    a terminal). A first Ctrl-C during the measured phase ends it (result.stopped_by
+    "interrupt": the report covers what was measured); earlier, or a second time, it is a
+    KeyboardInterrupt. `security`: TLS and
     the API key (kept out of cfg, which the JSON report records)."""
     cfg.validate()
-    show = cfg.progress if progress is None else progress
+    show = progress if progress is not None else (
+        cfg.progress if cfg.progress is not None else sys.stderr.isatty())
     try:
         import uvloop
     except ImportError:
@@ -39,6 +45,31 @@ def run_load_test(cfg: LoadTestConfig, progress: bool | None = None,
 
 
 async def _main(cfg: LoadTestConfig, show: bool, security: ClientSecurity) -> LoadTestResult:
+    loop = asyncio.get_running_loop()
+    measured: list[Phase] = []  # the measured phase, once it runs
+    task = asyncio.ensure_future(_measure(cfg, show, security, measured))
+
+    def on_interrupt() -> None:
+        loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl-C: Python's own
+        if measured:
+            measured[0].interrupt()
+        else:
+            task.cancel()
+
+    handled = threading.current_thread() is threading.main_thread()
+    if handled:
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGINT)
+
+
+async def _measure(cfg: LoadTestConfig, show: bool, security: ClientSecurity,
+                   measured: list[Phase]) -> LoadTestResult:
     from google.protobuf.json_format import MessageToDict
 
     async with security.aio_channel(cfg.address) as channel:
@@ -54,7 +85,7 @@ async def _main(cfg: LoadTestConfig, show: bool, security: ClientSecurity) -> Lo
             info.bos_token_id if info.HasField("bos_token_id") else None,
             info.eos_token_id if info.HasField("eos_token_id") else None)
         specs = build_workload(cfg, limits, cfg.warmup_requests + cfg.num_requests)
-        warm, measured = specs[:cfg.warmup_requests], specs[cfg.warmup_requests:]
+        warm, specs = specs[:cfg.warmup_requests], specs[cfg.warmup_requests:]
         warmup_failed = 0
         if warm:
             bar = _bar(show, len(warm), "warmup")
@@ -69,9 +100,10 @@ async def _main(cfg: LoadTestConfig, show: bool, security: ClientSecurity) -> Lo
         await asyncio.to_thread(watch.sample)
         sampler = asyncio.ensure_future(_sample_every(watch, 1.0))
         start_time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        bar = _bar(show, len(measured), "bench")
-        phase = Phase(stub, cfg, measured, bar, time.perf_counter() + cfg.duration,
+        bar = _bar(show, len(specs), "bench")
+        phase = Phase(stub, cfg, specs, bar, time.perf_counter() + cfg.duration,
                       security.metadata)
+        measured.append(phase)
         try:
             await phase.run(cfg.open_loop, cfg.workers)
         finally:

@@ -48,6 +48,7 @@ class Phase:
         self.in_flight = self.max_in_flight = self.done = self.failed = 0
         self.stopped_by = "num_requests"
         self.all_sent = asyncio.Event()
+        self.interrupted = asyncio.Event()  # Ctrl-C: stop sending, cancel what is in flight
 
     def _may_send(self) -> bool:
         if len(self.records) >= len(self.specs):
@@ -108,7 +109,9 @@ class Phase:
             call.cancel()
             if not rec.cancelled_by_us:
                 raise
-            rec.error, rec.detail = "CANCELLED", "still running when the drain timeout ran out"
+            rec.error, rec.detail = "CANCELLED", ("cancelled by an interrupt (Ctrl-C)"
+                                                  if self.interrupted.is_set() else
+                                                  "still running when the drain timeout ran out")
         except Exception as e:  # anything else still counts, so sent = succeeded + failed
             call.cancel()
             rec.error, rec.detail = "CLIENT_ERROR", f"{type(e).__name__}: {e}"
@@ -142,6 +145,14 @@ class Phase:
                 return
             self._launch()
 
+    def interrupt(self) -> None:
+        """Ctrl-C: send nothing more and cancel what is in flight (counted failed,
+        CANCELLED), so the run ends at once and reports what it measured."""
+        self.stopped_by = "interrupt"
+        self.stop_at = time.perf_counter()
+        self.interrupted.set()
+        self.all_sent.set()
+
     async def run(self, open_loop: bool, workers: int) -> None:
         self.t0 = time.perf_counter()
         if open_loop:
@@ -153,8 +164,13 @@ class Phase:
         except asyncio.TimeoutError:
             self.stopped_by = "duration"
         self.stop_at = min(self.stop_at, time.perf_counter())  # senders send nothing more
-        if self.live:
-            await asyncio.wait(set(self.live), timeout=self.cfg.drain_timeout)
+        if self.live and not self.interrupted.is_set():
+            drained = asyncio.ensure_future(asyncio.wait(set(self.live)))
+            stop = asyncio.ensure_future(self.interrupted.wait())
+            await asyncio.wait({drained, stop}, timeout=self.cfg.drain_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            drained.cancel()
+            stop.cancel()
         for task in list(self.live):
             self.task_records[task].cancelled_by_us = True
             task.cancel()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ecserve.errors import ConfigError
 from ecserve.loadtest.config import LATENCIES
 
 # target name -> (metric key, ">=" or "<=", unit)
@@ -52,16 +53,16 @@ def load_targets(path: str) -> dict[str, float]:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise ValueError(f"--targets: cannot read {path}: {e.strerror}") from None
+        raise ConfigError(f"--targets: cannot read {path}: {e.strerror}") from None
     try:
         if p.suffix.lower() == ".toml":
             data: Any = _toml().loads(text)
         else:
             data = json.loads(text)
     except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise ValueError(f"--targets: {path} is not valid {p.suffix[1:] or 'JSON'}: {e}") from None
+        raise ConfigError(f"--targets: {path} is not valid {p.suffix[1:] or 'JSON'}: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--targets: {path} must hold a table of target names to numbers")
+        raise ConfigError(f"--targets: {path} must hold a table of target names to numbers")
     return check_targets(data, f"--targets {path}")
 
 
@@ -69,9 +70,9 @@ def check_targets(data: dict[str, Any], where: str = "targets") -> dict[str, flo
     out: dict[str, float] = {}
     for key, value in data.items():
         if key not in TARGETS:
-            raise ValueError(f"{where}: unknown target {key!r} (known: {', '.join(TARGETS)})")
+            raise ConfigError(f"{where}: unknown target {key!r} (known: {', '.join(TARGETS)})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"{where}: {key} must be a number, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
         out[key] = float(value)
     return out
 
@@ -85,7 +86,7 @@ def evaluate(targets: dict[str, float], metrics: dict[str, float]) -> list[Verdi
         metric, op, _ = TARGETS[name]
         limit = targets[name]
         if metric not in metrics:
-            raise ValueError(f"target {name} needs {metric}: give --goodput SLOs")
+            raise ConfigError(f"target {name} needs {metric}: give --goodput SLOs")
         value: float | None = metrics[metric]
         if metric.endswith("_ms") and not metrics.get("completed"):
             value = None
@@ -101,6 +102,6 @@ def _toml() -> Any:
         try:
             import tomli as tomllib
         except ImportError:
-            raise ValueError("TOML targets need Python 3.11+ or `pip install tomli`; "
+            raise ConfigError("TOML targets need Python 3.11+ or `pip install tomli`; "
                              "use JSON") from None
     return tomllib

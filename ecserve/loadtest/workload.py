@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecserve.errors import ConfigError
 from ecserve.loadtest.config import LoadTestConfig
 
 
@@ -46,12 +47,12 @@ def build_workload(cfg: LoadTestConfig, limits: ModelLimits, n: int) -> list[Req
     inputs = _lengths(rng, cfg.input_len_range, cfg.lengths()[0], n)
     longest = int(inputs.max() + outputs.max())
     if longest > limits.max_model_len:
-        raise ValueError(f"input + output lengths reach {longest} tokens; the server's "
+        raise ConfigError(f"input + output lengths reach {longest} tokens; the server's "
                          f"max_model_len is {limits.max_model_len}")
     special = {t for t in (limits.bos_token_id, limits.eos_token_id) if t is not None}
     vocab = np.array([t for t in range(limits.vocab_size) if t not in special], dtype=np.int64)
     if vocab.size == 0:
-        raise ValueError("the server's vocabulary has no ordinary tokens to build prompts from")
+        raise ConfigError("the server's vocabulary has no ordinary tokens to build prompts from")
     specs = []
     for length, out in zip(inputs, outputs, strict=True):
         ids = rng.choice(vocab, size=int(length)).tolist()
@@ -79,17 +80,17 @@ def read_prompts(path: str) -> list[tuple[str, int | None]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+                raise ConfigError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
             prompt, max_new = obj.get("prompt"), obj.get("max_new_tokens")
             if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f'{path}:{lineno}: "prompt" must be a non-empty string')
+                raise ConfigError(f'{path}:{lineno}: "prompt" must be a non-empty string')
             if max_new is not None and (not isinstance(max_new, int) or max_new < 1):
-                raise ValueError(f'{path}:{lineno}: "max_new_tokens" must be an integer >= 1')
+                raise ConfigError(f'{path}:{lineno}: "max_new_tokens" must be an integer >= 1')
             out.append((prompt, max_new))
         else:
             out.append((line, None))
     if not out:
-        raise ValueError(f"{path}: no prompts")
+        raise ConfigError(f"{path}: no prompts")
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ecserve.config import ModelConfig
+from ecserve.config import ConfigError, ModelConfig
 from ecserve.model.transformer import Transformer
 from ecserve.readable import check_readable
 
@@ -22,7 +22,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint's files do not match what its config describes; the message says how."""
 
 

@@ -58,6 +58,9 @@ def expert_rows(cfg: ModelConfig, experts: ExpertFilter | None) -> dict[str, lis
 
 def read_config(model_dir: str | os.PathLike) -> ModelConfig:
     path = Path(model_dir) / CONFIG_FILE
+    if Path(model_dir).exists() and not Path(model_dir).is_dir():
+        raise CheckpointError(f"{model_dir}: not a directory (a model directory holds "
+                              f"{CONFIG_FILE} and the weights)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (a model directory needs {CONFIG_FILE})")
     check_readable(path)
@@ -73,7 +76,7 @@ def read_config(model_dir: str | os.PathLike) -> ModelConfig:
             return config_from_hf(data, path.parent)
         return ModelConfig.from_dict(data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"{path}: {e}", field=e.field) from e
 
 
 def threshold_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ecserve.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ParallelGroup:
@@ -45,7 +47,7 @@ def init_from_env(backend: str = "gloo", timeout_s: float = 600.0) -> ParallelGr
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
                if k not in os.environ]
     if missing:
-        raise ValueError(f"--torchrun: {', '.join(missing)} not set; start ecserve with torchrun")
+        raise ConfigError(f"--torchrun: {', '.join(missing)} not set; start ecserve with torchrun")
     dist.init_process_group(backend, init_method="env://",
                             timeout=datetime.timedelta(seconds=timeout_s))
     return ParallelGroup(dist.get_rank(), dist.get_world_size())

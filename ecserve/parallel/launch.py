@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ecserve.config import EngineConfig, ServerConfig
 from ecserve.engine.core import CoreSpec
 from ecserve.engine.engine import Engine
+from ecserve.errors import ConfigError
 from ecserve.model.default import default_model_dir
 from ecserve.model.weights import read_config
 from ecserve.parallel.driver import ExpertParallel
@@ -38,7 +39,7 @@ def serve_expert_parallel(
     if torchrun:
         missing = [k for k in ("RANK", "WORLD_SIZE") if k not in os.environ]
         if missing:
-            raise ValueError(f"--torchrun: {', '.join(missing)} not set; start ecserve with "
+            raise ConfigError(f"--torchrun: {', '.join(missing)} not set; start ecserve with "
                              "torchrun")
         world = int(os.environ["WORLD_SIZE"])
         if int(os.environ["RANK"]) != 0:

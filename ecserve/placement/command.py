@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from ecserve.config import EngineConfig, ModelConfig
+from ecserve.config import ConfigError, EngineConfig, ModelConfig, ModelSource
 from ecserve.placement.affinity import affinity_placement
 from ecserve.placement.balanced import balanced_placement
 from ecserve.placement.memory import (
@@ -17,17 +16,19 @@ from ecserve.placement.memory import (
     fmt_bytes,
     parse_bytes,
 )
+from ecserve.placement.options import PlanOptions
 from ecserve.placement.plan import Device, ModelShape, Placement, load_plan, save_plan
 from ecserve.placement.replicate import replicate_hot_experts
 from ecserve.placement.routing_stats import RoutingStats, collect_routing_stats
 from ecserve.placement.traffic import cross_device_tokens
 
 
-def run(args: argparse.Namespace) -> int:
+def run(model: str | None, args: PlanOptions) -> int:
     from ecserve.model.default import default_model_dir
     from ecserve.model.weights import read_config
 
-    model_dir = Path(args.model) if args.model else default_model_dir()
+    given = ModelSource(model).resolved()
+    model_dir = Path(given) if given else default_model_dir()
     cfg = read_config(model_dir)
     shape = ModelShape.of(cfg)
     per_expert, dense = bytes_per_expert(cfg), dense_bytes(cfg)
@@ -36,13 +37,13 @@ def run(args: argparse.Namespace) -> int:
                                                               args.device_memory),
                                 ("--replicate", args.replicate)) if v]
         if given:
-            raise ValueError(f"--load takes the devices and replicas from the file; drop "
+            raise ConfigError(f"--load takes the devices and replicas from the file; drop "
                              f"{', '.join(given)}")
         loaded = load_plan(args.load, cfg)
         devices = loaded.devices
     else:
         if args.devices is None or args.devices < 1:
-            raise ValueError(f"--devices must be >= 1 (or --load a plan), got {args.devices}")
+            raise ConfigError(f"--devices must be >= 1 (or --load a plan), got {args.devices}")
         memory = parse_bytes(args.device_memory) if args.device_memory else None
         devices = tuple(Device(i, memory) for i in range(args.devices))
     balanced = balanced_placement(shape, devices)
@@ -56,22 +57,22 @@ def run(args: argparse.Namespace) -> int:
         if args.replicate:
             plan = replicate_hot_experts(plan, stats, per_expert, dense)
     check_fits(plan, per_expert, dense)
-    print(report(plan, balanced, stats, cfg, model_dir.name if args.model else "default"))
+    print(report(plan, balanced, stats, cfg, model_dir.name if given else "default"))
     if args.save:
         print(f"saved {save_plan(plan, args.save)}")
     return 0
 
 
-def _stats(model_dir: Path, args: argparse.Namespace) -> RoutingStats:
+def _stats(model_dir: Path, args: PlanOptions) -> RoutingStats:
     prompts = None
     if args.prompts:
         prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"{args.prompts}: no prompts (one per line)")
+            raise ConfigError(f"{args.prompts}: no prompts (one per line)")
     elif args.synthetic_requests < 1:
-        raise ValueError(f"--synthetic-requests must be >= 1, got {args.synthetic_requests}")
+        raise ConfigError(f"--synthetic-requests must be >= 1, got {args.synthetic_requests}")
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return collect_routing_stats(model_dir, prompts, EngineConfig(
         device=args.device, expert_timing_every=0), synthetic_requests=args.synthetic_requests,
         max_new_tokens=args.max_new_tokens, seed=args.seed)

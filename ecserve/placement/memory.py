@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from ecserve.config import ModelConfig
+from ecserve.errors import ConfigError
 from ecserve.placement.plan import Placement, PlanError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -66,14 +67,14 @@ def parse_bytes(text: str) -> int:
     num = s.rstrip("kmgtib")
     unit = s[len(num):]
     if unit not in _UNITS:
-        raise ValueError(f"memory size {text!r}: unknown unit {unit!r} (use e.g. 80GiB, 512MiB, "
+        raise ConfigError(f"memory size {text!r}: unknown unit {unit!r} (use e.g. 80GiB, 512MiB, "
                          "1e9)")
     try:
         value = float(num) * _UNITS[unit]
     except ValueError:
-        raise ValueError(f"memory size {text!r} is not a number with an optional unit") from None
+        raise ConfigError(f"memory size {text!r} is not a number with an optional unit") from None
     if not value >= 1:
-        raise ValueError(f"memory size {text!r} must be at least 1 byte")
+        raise ConfigError(f"memory size {text!r} must be at least 1 byte")
     return int(value)
 
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ecserve.config import ModelConfig
+from ecserve.config import ConfigError, ModelConfig
 
 VERSION = 1
 STRATEGIES = ("balanced", "affinity")
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
     """A placement is malformed or does not fit the model or the devices; the message says how."""
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -12,6 +11,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ecserve.client import ROUTING_SCOPES
 from ecserve.config import ServerConfig
+from ecserve.errors import RequestError
 from ecserve.server.wire import bad_utf8_field, largest_field
 from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent, TokenLogprobs
 from ecserve.v1 import generation_pb2 as pb
@@ -33,7 +33,7 @@ STOP_REASONS = {
     FinishReason.ERROR: pb.STOP_REASON_ERROR,
 }
 
-# The engine's messages lead with its own name for a field; clients know the proto's.
+# The engine names a bad field by its own name (RequestError.field); clients know the proto's.
 _PROTO_NAMES = {
     "max_new_tokens": "stopping.max_new_tokens",
     "min_new_tokens": "stopping.min_new_tokens",
@@ -50,13 +50,11 @@ _PROTO_NAMES = {
 }
 
 
-def proto_message(error: str, prompt_as_ids: bool) -> str:
-    """Rewrite an engine error that starts with an engine field name to the proto field's."""
-    names = {**_PROTO_NAMES, "prompt": "prompt_token_ids" if prompt_as_ids else "prompt"}
-    m = re.match(r"\w+", error)
-    if m and m.group() in names:
-        return names[m.group()] + error[m.end():]
-    return error
+def proto_message(error: RequestError, prompt_as_ids: bool) -> str:
+    """The engine's error with the proto's name for its field."""
+    if error.field == "prompt":
+        return error.renamed("prompt_token_ids" if prompt_as_ids else "prompt")
+    return error.renamed(_PROTO_NAMES.get(error.field, error.field))
 
 
 def parse(cls: type[Message], raw: bytes, max_bytes: int) -> Message:
@@ -125,8 +123,8 @@ def to_request(
             logprobs=resp.top_logprobs if resp.logprobs else None,
             prompt_logprobs=resp.prompt_top_logprobs if resp.prompt_logprobs else None,
         )
-    except ValueError as e:
-        raise InvalidArgument(proto_message(str(e), False)) from e
+    except RequestError as e:
+        raise InvalidArgument(proto_message(e, False)) from e
     ids = tuple(msg.prompt_token_ids) if msg.prompt_token_ids else tuple(encode(msg.prompt))
     return Request(request_id, ids, params, SCOPES[msg.routing_scope],
                    arrival_time=time.monotonic())

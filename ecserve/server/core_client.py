@@ -42,9 +42,11 @@ from ecserve.types import FinishReason, Request, TokenEvent
 
 log = logging.getLogger("ecserve.server")
 STOP_TIMEOUT_S = 30.0  # after the stop frame, the core's exit is awaited this long, then killed
-_ERRORS: dict[str, type[Exception]] = {  # a failed load is raised again as its own kind
-    c.__name__: c for c in (CheckpointError, ConfigError, ValueError, OSError,
-                            FileNotFoundError, KeyError)}
+# A model that fails to load is raised again as its own kind where the front end knows it, as a
+# ConfigError for other bad input (the command prints one line), else as a RuntimeError (a bug).
+_ERRORS: dict[str, type[Exception]] = {c.__name__: c for c in (
+    CheckpointError, ConfigError, OSError, FileNotFoundError, PermissionError,
+    IsADirectoryError, NotADirectoryError)}
 
 
 # Cores still running when the interpreter exits (a caller that never called stop()): killed,
@@ -118,7 +120,9 @@ class EngineCoreClient:
         hello = self._codec.hello(first.result())
         if hello.ready is None:
             await self._join(5.0)
-            raise _ERRORS.get(hello.error_type, RuntimeError)(hello.error)
+            kind = _ERRORS.get(hello.error_type,
+                               ConfigError if hello.user_error else RuntimeError)
+            raise kind(hello.error)
         self._ready = r = hello.ready
         mc = r.model_cfg
         tokenizer = load_tokenizer(self.model_dir, mc.tokenizer, mc.bos_token_id, mc.eos_token_id)
@@ -190,7 +194,7 @@ class EngineCoreClient:
         assert self._ready is not None
         rid, n = request.request_id, len(request.prompt_token_ids)
         if rid in self._streams:
-            raise RequestError(f"request_id {rid!r} is already in use")
+            raise RequestError("request_id", f" {rid!r} is already in use")
         limits = self._ready.limits
         limits.validate(request)
         limits.check_room(len(self._waiting), sum(self._waiting.values()), 1, n)

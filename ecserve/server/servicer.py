@@ -114,7 +114,7 @@ class GenerationServicer:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RequestError as e:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT,
-                               proto_message(str(e), bool(msg.prompt_token_ids)))
+                               proto_message(e, bool(msg.prompt_token_ids)))
         except QueueFullError as e:
             await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return live, request, ResponseBuilder(request, msg.response, info.tokenizer.decode), queue

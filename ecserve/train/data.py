@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ecserve.errors import ConfigError
 from ecserve.train.corpus import Document
 
 
@@ -23,7 +24,7 @@ def encode_stream(docs: list[Document], tokenizer_path: Path, bos: int, eos: int
 
     tok = Tokenizer.from_file(str(tokenizer_path))
     if tok.get_vocab_size(with_added_tokens=True) > 1 << 16:
-        raise ValueError("the token stream is uint16: the vocabulary must be <= 65,536")
+        raise ConfigError("the token stream is uint16: the vocabulary must be <= 65,536")
     parts = []
     for enc in tok.encode_batch([d.text for d in docs], add_special_tokens=False):
         parts.append(np.array([bos, *enc.ids, eos], dtype=np.uint16))
@@ -52,7 +53,7 @@ class TrainBatches:
 
     def __init__(self, windows: Windows, batch_size: int, seed: int) -> None:
         if windows.count < batch_size:
-            raise ValueError(f"{windows.count} windows of {windows.seq_len} tokens is less "
+            raise ConfigError(f"{windows.count} windows of {windows.seq_len} tokens is less "
                              f"than one batch of {batch_size}")
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
         self.per_epoch = windows.count // batch_size  # whole batches; the rest waits an epoch
@@ -76,6 +77,6 @@ def validation_batches(windows: Windows, batch_size: int, max_windows: int | Non
     n = windows.count if max_windows is None else min(max_windows, windows.count)
     n -= n % batch_size
     if n == 0:
-        raise ValueError(f"the validation stream has fewer than {batch_size} windows of "
+        raise ConfigError(f"the validation stream has fewer than {batch_size} windows of "
                          f"{windows.seq_len} tokens")
     return [windows.take(np.arange(i, i + batch_size)) for i in range(0, n, batch_size)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ecserve.errors import ConfigError
 from ecserve.model.layers import rope_cos_sin
 from ecserve.model.transformer import Transformer
 
@@ -48,9 +49,9 @@ def forward(model: Transformer, ids: torch.Tensor, group_size: int) -> ForwardOu
     cfg = model.cfg
     b, t = ids.shape
     if cfg.position_encoding != "rope":
-        raise ValueError("training supports rope models only")
+        raise ConfigError("training supports rope models only")
     if b % group_size:
-        raise ValueError(f"batch size {b} must be a multiple of the routing group size "
+        raise ConfigError(f"batch size {b} must be a multiple of the routing group size "
                          f"{group_size}, so that no group holds two tokens of one sequence")
     assert cfg.head_dim is not None
     n = b * t

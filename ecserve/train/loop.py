@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ecserve.config import ModelConfig
+from ecserve.errors import ConfigError
 from ecserve.model.transformer import Transformer
 from ecserve.train.data import TrainBatches
 from ecserve.train.forward import ForwardOut, forward, token_nll
@@ -201,7 +202,7 @@ def _resume(checkpoint: Path, model: Transformer, opt: torch.optim.Optimizer,
             meta: dict[str, Any]) -> TrainState:
     ck = torch.load(checkpoint, map_location=model.embed.device, weights_only=True)
     if ck["meta"] != meta:
-        raise ValueError(f"{checkpoint} is from a different run (its recipe: {ck['meta']}); "
+        raise ConfigError(f"{checkpoint} is from a different run (its recipe: {ck['meta']}); "
                          "remove it or use another work directory")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])

@@ -9,7 +9,6 @@ and README.md (the model card).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -23,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecserve.config import ModelConfig, RoutingConfig
+from ecserve.config import ConfigError, ModelConfig, RoutingConfig
 from ecserve.train import bpe, corpus
-from ecserve.train.command import PRESETS
 from ecserve.train.data import TrainBatches, Windows, encode_stream, validation_batches
 from ecserve.train.loop import TrainConfig, train
+from ecserve.train.options import PRESETS, TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +62,14 @@ def model_config(preset: str, vocab_size: int, seq_len: int, group_size: int,
     elif preset == "dense":
         routing, extra = RoutingConfig(group_size=group_size), {"moe_layers": ()}
     else:
-        raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
+        raise ConfigError(f"preset {preset!r} is not one of {', '.join(PRESETS)}",
+                          field="preset")
     return ModelConfig(vocab_size=vocab_size, **ARCH, **extra, routing=routing,
                        max_position_embeddings=seq_len, tokenizer="huggingface",
                        bos_token_id=0, eos_token_id=1)
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> int:
+def run(args: TrainOptions, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -117,7 +117,7 @@ def _corpus(out: Path, root: Path | None) -> corpus.CorpusManifest:
     if (out / corpus.MANIFEST).is_file():
         m = corpus.read_manifest(out)
         if root is not None and Path(m.stdlib) != root.resolve():
-            raise ValueError(f"{out} holds a corpus of {m.stdlib}, not {root}: use another "
+            raise ConfigError(f"{out} holds a corpus of {m.stdlib}, not {root}: use another "
                              "--work directory")
         log.info("corpus (kept): %s\n%s", m.python, m.describe())
         return m

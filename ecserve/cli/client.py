@@ -1,0 +1,53 @@
+"""Stream a generation from a running server to the terminal (gRPC; no torch needed). The
+statistics line goes to standard error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+from ecserve.cli.flags import add_flags, from_flags
+from ecserve.cli.generation import PROMPT_HELP, add_generation_flags, read_prompt, sampling_params
+from ecserve.config.fields import flag
+from ecserve.security import ClientOptions
+from ecserve.wording import counted
+
+HELP = "stream a generation from a server to the terminal"
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    timeout: float | None = field(default=None, metadata=flag(metavar="S"))
+    """The call's deadline in seconds; default: none."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help=PROMPT_HELP)
+    add_flags(p, ClientOptions)
+    add_flags(p, CallOptions)
+    add_generation_flags(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args.prompt)
+    params = sampling_params(args)
+    opts = from_flags(ClientOptions, args)
+    from ecserve.client import Client
+    from ecserve.v1 import generation_pb2 as pb
+
+    last = None
+    with Client(opts.address, timeout=from_flags(CallOptions, args).timeout,
+                security=opts.security()) as client:
+        for last in client.stream(
+                prompt, max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                seed=params.seed, stop_sequences=params.stop_sequences,
+                routing_scope=getattr(args, "routing_scope", None)):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    if last is not None:
+        print(f"[{counted(last.generated_token_count, 'token')}, stop: "
+              f"{pb.StopReason.Name(last.stop_reason)}, seed: {last.seed}]", file=sys.stderr)
+    return 0
