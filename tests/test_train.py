@@ -203,7 +203,7 @@ def test_the_recipe_writes_a_model_the_engine_serves(tmp_path, monkeypatch):
     # The exported directory serves, under its own policy and with the calibrated thresholds.
     for policy in (None, "threshold", "ec"):
         engine = Engine(out, EngineConfig(device="cpu", routing_policy=policy))
-        assert engine.model_cfg.routing.policy == policy or presets.SERVING_POLICY
+        assert engine.model_cfg.routing.policy == (policy or presets.SERVING_POLICY)
         engine.add_request(Request("x", tuple(engine.encode("def f(")),
                                    SamplingParams(max_new_tokens=4)))
         while engine.has_unfinished():
