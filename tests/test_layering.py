@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ecserve"
 # Each checked package: its import name, the folder it installs from.
-PACKAGES = {"ecserve": PACKAGE, "ecserve_kernels": ROOT / "kernels"}
+PACKAGES = {"ecserve": PACKAGE, "ecserve_kernels": ROOT / "kernels" / "ecserve_kernels"}
 
 
 def module_files(root: Path, package: str) -> dict[str, Path]:
