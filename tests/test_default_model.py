@@ -13,7 +13,7 @@ from ecserve.config import EngineConfig, ModelConfig
 from ecserve.model import default
 from ecserve.model.checkpoint import expected_tensors
 from ecserve.model.weights import load_model, load_state_dict, read_config
-from ecserve.train import bpe, recipe
+from ecserve.train import bpe, presets
 
 CFG = default.RANDOM_CONFIG
 TINY = ModelConfig.from_dict(tiny_config())
@@ -91,10 +91,10 @@ def test_the_shipped_model_is_complete_and_matches_its_card():
     cfg = read_config(d)
     record = json.loads((d / "training.json").read_text())
     # The recipe's own config, served with its default policy.
-    want = recipe.model_config("ec", record["tokenizer"]["vocab_size"],
-                               record["train"]["seq_len"], record["train"]["group_size"],
-                               serving=True)
-    assert cfg == want and cfg.routing.policy == recipe.SERVING_POLICY
+    want = presets.model_config("ec", record["tokenizer"]["vocab_size"],
+                                record["train"]["seq_len"], record["train"]["group_size"],
+                                serving=True)
+    assert cfg == want and cfg.routing.policy == presets.SERVING_POLICY
     assert bpe.file_sha256(d / "tokenizer.json") == record["tokenizer"]["sha256"]
     card = (d / "README.md").read_text()
     for figure in (f"| {record['held_out']['nats_per_token']:.4f} |",

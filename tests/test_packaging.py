@@ -1,5 +1,6 @@
-"""The repo's kernels/ installs as `ecserve_kernels`, so it and PyPI's unrelated `kernels`
-package never shadow each other in an installed environment."""
+"""The repo's kernels/ecserve_kernels/ installs as `ecserve_kernels`, so it and PyPI's unrelated
+`kernels` package never shadow each other, in an installed environment or with the repository
+root on sys.path."""
 
 from __future__ import annotations
 
@@ -22,6 +23,32 @@ def test_kernels_and_pypi_kernels_coexist(tmp_path: Path):
     # Run outside the source tree, where an installed environment is what imports see.
     env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+def test_the_repository_root_shadows_no_installed_package(tmp_path: Path):
+    """`python -m pytest` and `python -c` put the working directory first on sys.path: run in the
+    repository root, a folder there that is a package would hide the installed package of its
+    name (kernels/ once hid PyPI's `kernels`, and transformers then failed to import it). Every
+    folder or module there but ecserve/ (ours, meant to be imported from the tree) must lose to
+    a package of the same name on PYTHONPATH."""
+    root = Path(__file__).resolve().parents[1]
+    # What `import NAME` could find there: a folder (package or namespace portion), a .py file.
+    found = (p.name if p.is_dir() else p.stem if p.suffix == ".py" else "" for p in root.iterdir())
+    names = sorted(n for n in found if n.isidentifier() and n != "ecserve")
+    assert {"kernels", "tests", "bench", "protos", "deploy"} <= set(names), names
+    for name in names:
+        (tmp_path / "site" / name).mkdir(parents=True)
+        (tmp_path / "site" / name / "__init__.py").write_text("ORIGIN = 'site'\n")
+    code = (
+        "import importlib, sys\n"
+        "lost = [(n, getattr(m, '__file__', None) or list(m.__path__)) for n in sys.argv[1:]\n"
+        "        if getattr(m := importlib.import_module(n), 'ORIGIN', None) != 'site']\n"
+        "assert not lost, f'the repository root shadows: {lost}'\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code, *names], cwd=root, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
 

@@ -17,7 +17,7 @@ from ecserve.cli import main
 from ecserve.config import EngineConfig, ModelConfig
 from ecserve.engine.engine import Engine
 from ecserve.model.transformer import Transformer
-from ecserve.train import bpe, corpus, recipe
+from ecserve.train import bpe, corpus, presets
 from ecserve.train.data import TrainBatches, Windows, validation_batches
 from ecserve.train.forward import forward, token_nll
 from ecserve.train.loop import TrainConfig, init_weights, train
@@ -182,7 +182,7 @@ def test_the_recipe_writes_a_model_the_engine_serves(tmp_path, monkeypatch):
     root = tmp_path / "src"
     shutil.copytree(STDLIB / "json", root / "json")
     shutil.copytree(STDLIB / "asyncio", root / "asyncio")  # two of its files are held out
-    monkeypatch.setattr(recipe, "ARCH", TINY_ARCH)
+    monkeypatch.setattr(presets, "ARCH", TINY_ARCH)
     argv = ["train", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"),
             "--corpus-root", str(root), "--vocab-size", "320", "--tokens", "6000",
             "--seq-len", "32", "--batch-size", "16", "--group-size", "16", "--warmup-steps", "2",
@@ -203,7 +203,7 @@ def test_the_recipe_writes_a_model_the_engine_serves(tmp_path, monkeypatch):
     # The exported directory serves, under its own policy and with the calibrated thresholds.
     for policy in (None, "threshold", "ec"):
         engine = Engine(out, EngineConfig(device="cpu", routing_policy=policy))
-        assert engine.model_cfg.routing.policy == policy or recipe.SERVING_POLICY
+        assert engine.model_cfg.routing.policy == (policy or presets.SERVING_POLICY)
         engine.add_request(Request("x", tuple(engine.encode("def f(")),
                                    SamplingParams(max_new_tokens=4)))
         while engine.has_unfinished():

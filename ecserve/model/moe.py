@@ -119,7 +119,7 @@ class MoELayer(nn.Module):
         """y_t = sum of gate * FFN_e(x_t) over slots holding t, in float32, by ascending expert."""
         if self.expert_parallel is not None:  # the same contract, across ranks
             return self.expert_parallel(x, idx, gate)
-        if self.kernels == "triton":  # the same contract, fused (kernels/README.md)
+        if self.kernels == "triton":  # the same contract, fused (kernels/ecserve_kernels/README.md)
             import ecserve_kernels
 
             return ecserve_kernels.expert_mlp(x, idx, gate.float(), self.w_gate, self.w_up,

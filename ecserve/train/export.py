@@ -27,7 +27,7 @@ from ecserve.train.corpus import CorpusManifest
 from ecserve.train.data import TrainBatches
 from ecserve.train.forward import forward
 from ecserve.train.loop import TrainConfig, TrainState, evaluate
-from ecserve.train.recipe import model_config
+from ecserve.train.presets import model_config
 
 STORAGE_DTYPE = "bfloat16"
 CALIBRATION_BATCHES = 8

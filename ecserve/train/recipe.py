@@ -17,56 +17,22 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ecserve.config import ConfigError, ModelConfig, RoutingConfig
+from ecserve.errors import ConfigError
 from ecserve.train import bpe, corpus
 from ecserve.train.data import TrainBatches, Windows, encode_stream, validation_batches
+from ecserve.train.export import export
 from ecserve.train.loop import TrainConfig, train
-from ecserve.train.options import PRESETS, TrainOptions
+from ecserve.train.options import TrainOptions
+from ecserve.train.presets import model_config
 
 log = logging.getLogger(__name__)
 
-# The shipped model's architecture: 6 blocks of width 256, every other one an expert-choice MoE
-# layer of 8 GLU experts (hidden 512) at capacity factor 2, i.e. two experts per token on
-# average, as many FLOPs as the dense blocks' GLU of hidden 1024.
-ARCH: dict[str, Any] = {
-    "hidden_size": 256, "num_layers": 6, "num_heads": 4, "num_kv_heads": 2,
-    "ffn_hidden_size": 1024, "num_experts": 8, "expert_ffn_hidden_size": 512,
-}
-CAPACITY_FACTOR = 2.0
-# The policy a served step uses by default; training always routes with `ec` (forward.py).
-# `threshold`: in bench_decode_policies.py it matched the training grouping's held-out loss at
-# every load (B = 1 to 64 live sequences) with 1.75 experts per token, while `ec`/`capped` lost
-# up to 3.4% at B = 4; and a request's output never depends on other traffic.
-SERVING_POLICY = "threshold"
+# TrainConfig fields that say how a run executes, not what it trains: resuming ignores them.
 OPERATIONAL = ("compile", "eval_every", "eval_batches", "checkpoint_every")
-
-
-def model_config(preset: str, vocab_size: int, seq_len: int, group_size: int,
-                 serving: bool = False) -> ModelConfig:
-    """ec: expert choice (trained with `ec` groups; served with SERVING_POLICY); dense: the
-    MoE layers replaced by dense GLUs of equal active FLOPs; top2: token-choice top-2
-    (renormalised, with a load-balancing loss)."""
-    if preset == "ec":
-        routing = RoutingConfig(policy=SERVING_POLICY if serving else "ec",
-                                capacity_factor=CAPACITY_FACTOR, group_size=group_size)
-        extra: dict[str, Any] = {}
-    elif preset == "top2":
-        routing = RoutingConfig(policy="token_choice", top_k=2, renormalize=True,
-                                capacity_factor=CAPACITY_FACTOR, group_size=group_size)
-        extra = {}
-    elif preset == "dense":
-        routing, extra = RoutingConfig(group_size=group_size), {"moe_layers": ()}
-    else:
-        raise ConfigError(f"preset {preset!r} is not one of {', '.join(PRESETS)}",
-                          field="preset")
-    return ModelConfig(vocab_size=vocab_size, **ARCH, **extra, routing=routing,
-                       max_position_embeddings=seq_len, tokenizer="huggingface",
-                       bos_token_id=0, eos_token_id=1)
 
 
 def run(args: TrainOptions, argv: list[str]) -> int:
@@ -106,8 +72,6 @@ def run(args: TrainOptions, argv: list[str]) -> int:
         log.info("stopped at step %d of %d; rerun the same command to resume", state.step,
                  cfg.steps)
         return 0
-    from ecserve.train.export import export
-
     export(args.out, model, state, cfg, args.preset, tok_path, manifest, valid, token_bytes,
            batches, recipe="ecserve " + shlex.join(argv), device=device)
     return 0
