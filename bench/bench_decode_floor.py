@@ -38,9 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_decode_policies import cpu_name, lockstep_budget, openmp_env, pure_decode_step_times
+from bench_decode_policies import lockstep_budget, pure_decode_step_times
 from bench_vs_transformers import SIZE
 from hf_models import build  # tests/hf_models.py: tiny HF checkpoints
+from provenance import cpu_name, openmp_env, stamp
 
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.ratio:>12.2f}{r.tokens_per_s:>9.0f}{r.active_experts:>9.2f}{r.step_mb:>9.1f}"
               f"{r.read_gb_s:>7.1f}")
     if a.json:
-        a.json.write_text(json.dumps({"setup": setup, "rows": [asdict(r) for r in rows]},
-                                     indent=2) + "\n")
+        a.json.write_text(json.dumps({**stamp(__file__, argv), "setup": setup,
+                                      "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     return 0
 
 

@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from provenance import cpu_name, stamp
 
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
@@ -210,22 +210,6 @@ def policies(num_experts: int, capacity_factor: float) -> list[Policy]:
             Policy(f"token choice top-{math.ceil(capacity_factor)}", "token_choice")]
 
 
-def openmp_env() -> str:
-    """The OpenMP settings a CPU timing depends on (README, "CPU servers and OpenMP")."""
-    return " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-                                                    "GOMP_SPINCOUNT") if k in os.environ)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def print_table(rows: list[Row]) -> None:
     head = (f"{'policy':<22} {'scope':<9} {'B':>3} {'nats/tok':>9} {'bits/byte':>9} "
             f"{'vs ref':>8} " + " ".join(f"{b:>5}" for b in BUCKETS) + f" {'mean':>5} "
@@ -283,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows)
     if a.json:
-        a.json.write_text(json.dumps({"setup": setup, "rows": [asdict(r) for r in rows]},
-                                     indent=1) + "\n")
+        a.json.write_text(json.dumps({**stamp(__file__, argv), "setup": setup,
+                                      "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
     return 0
 
 

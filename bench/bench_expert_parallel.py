@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import stamp
 
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
@@ -106,9 +107,6 @@ def main() -> None:
 
     ranks = [int(r) for r in a.ranks.split(",")]
     cores = os.cpu_count() or 1
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
-               "cpus": cores, "python": platform.python_version(), "torch": torch.__version__,
-               "device": a.device, "backend": a.backend, "threads_per_rank": a.threads}
     rows = []
     for world in ranks:
         balanced = default_placement(mc, world)
@@ -140,7 +138,7 @@ def main() -> None:
           f"{model_dir.name if a.model else 'default model'}, scope {mc.routing.scope}, "
           f"{stats.num_steps(min(stats.layers))} steps; {a.threads} torch thread(s) per rank "
           f"on {cores} CPU(s)")
-    print(f"{machine['platform']}, Python {machine['python']}, torch {machine['torch']}, "
+    print(f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, "
           f"{a.device}/{a.backend}")
     print()
     print("| ranks | placement | cross-device tokens/step counted | predicted (dedup) "
@@ -157,9 +155,11 @@ def main() -> None:
               "there include waiting for a core")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": machine, "workload": {
-            "requests": a.requests, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-            "scope": mc.routing.scope, "seed": a.seed}, "rows": rows}, indent=2) + "\n")
+        Path(a.json).write_text(json.dumps({**stamp(__file__), "workload": {
+            "model": model_dir.name if a.model else "default", "requests": a.requests,
+            "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "scope": mc.routing.scope,
+            "seed": a.seed, "device": a.device, "backend": a.backend,
+            "threads_per_rank": a.threads}, "rows": rows}, indent=2) + "\n")
         print(f"wrote {a.json}")
 
 

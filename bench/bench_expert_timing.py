@@ -17,18 +17,20 @@ import statistics
 import time
 
 import torch
+from provenance import stamp
 
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
 from ecserve.types import Request, SamplingParams
 
 VARIANTS = {"off": 0, "every 64": 64, "every step": 1}
+REQUESTS, PROMPT_LEN, NEW_TOKENS = 32, 64, 64
 
 
 def run_once(engine: Engine, tag: str) -> float:
-    params = SamplingParams(max_new_tokens=64, ignore_eos=True)
-    for i in range(32):
-        prompt = tuple((i * 7 + j) % 250 for j in range(64))
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    for i in range(REQUESTS):
+        prompt = tuple((i * 7 + j) % 250 for j in range(PROMPT_LEN))
         engine.add_request(Request(f"{tag}-{i}", prompt, params))
     t0 = time.perf_counter()
     while engine.has_unfinished():
@@ -53,15 +55,18 @@ def main() -> None:
     rows = {name: {"median_s": statistics.median(ts),
                    "ratio_to_off": statistics.median(ts) / base} for name, ts in times.items()}
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; 32 requests x (64 prompt + "
-          f"64 new tokens), default model, float32, median of {args.reps}")
+          f"{torch.__version__}, {torch.get_num_threads()} threads; {REQUESTS} requests x "
+          f"({PROMPT_LEN} prompt + {NEW_TOKENS} new tokens), default model, float32, median of "
+          f"{args.reps}")
     print("| expert timing | run time | ratio to off |\n|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['median_s'] * 1e3:.0f} ms | {row['ratio_to_off']:.3f}x |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "torch": torch.__version__, "cpus": os.cpu_count(),
-                       "machine": platform.machine()}, f, indent=2)
+            config = {"model": "default", "dtype": engines["off"].model_cfg.dtype,
+                      "requests": REQUESTS, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+                      "reps": args.reps}
+            json.dump({**stamp(__file__), "config": config, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

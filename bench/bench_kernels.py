@@ -25,16 +25,20 @@ import contextlib
 import functools
 import json
 import math
-import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ecserve_kernels as K
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests load this file by path
+from provenance import stamp
 
 GOALS = {"expert_vs_dense_bmm": ">= 0.85", "decode_bw_over_copy_bw": ">= 0.85",
          "ec_over_top2_step_time": "<= 0.8"}
@@ -60,21 +64,15 @@ def make_timer(gpu: bool, reps: int) -> Callable[[Callable[[], Any]], float]:
     return cpu
 
 
-def env_info(gpu: bool) -> dict[str, Any]:
-    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                            "cpu": platform.processor() or platform.machine(),
-                            "triton": None, "gpu": None, "driver": None, "cuda": None}
-    if K.HAS_TRITON:
-        import triton
-
-        info["triton"] = triton.__version__
-    if gpu:
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-        with contextlib.suppress(OSError, IndexError, subprocess.SubprocessError):
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+def gpu_info(gpu: bool) -> dict[str, Any]:
+    """The GPU, its driver and CUDA, for the machine block (nothing on a CPU run)."""
+    if not gpu:
+        return {}
+    info: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+    with contextlib.suppress(OSError, IndexError, subprocess.SubprocessError):
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
     return info
 
 
@@ -340,7 +338,8 @@ def main() -> None:
     for name, value in ratios.items():
         shown = "null (needs a GPU)" if value is None else f"{value:.3f}"
         print(f"ratio {name:<24} {shown}  goal {GOALS[name]}")
-    report = {"env": env_info(gpu), "note": note, "device": dev, "gpu": gpu,
+    report = {**stamp(__file__, packages=("triton",), **gpu_info(gpu)), "note": note,
+              "device": dev, "gpu": gpu,
               "config": {**vars(args), "effective": {"dtype": str(dt), "E": e, "d": d, "f": f,
                                                      "prefill_tokens": n_pre, "group_size": n_grp,
                                                      "decode_tokens": n_dec}},

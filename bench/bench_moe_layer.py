@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from provenance import stamp
 
 from ecserve.config import ModelConfig, RoutingConfig
 from ecserve.model.moe import MoELayer
@@ -91,17 +90,6 @@ def bench_case(n: int, d: int, f: int, e: int, c: float, reps: int) -> dict:
     }
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
@@ -112,8 +100,9 @@ def main() -> None:
     ap.add_argument("--capacity-factor", type=float, default=2.0)
     args = ap.parse_args()
     config = {"width": args.width, "expert_ffn": args.ffn, "experts": args.experts,
-              "capacity_factor": args.capacity_factor, "dtype": "float32", "policy": "ec"}
-    result = {"machine": machine(), "config": config, "cases": []}
+              "capacity_factor": args.capacity_factor, "dtype": "float32", "policy": "ec",
+              "reps": args.reps}
+    result = {**stamp(__file__), "config": config, "cases": []}
     print(f"machine: {result['machine']}\nconfig:  {config}")
     for n in (2048, 64):
         case = bench_case(n, args.width, args.ffn, args.experts, args.capacity_factor, args.reps)

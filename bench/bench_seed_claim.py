@@ -29,17 +29,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode_policies import (
     Policy,
-    cpu_name,
     lockstep_budget,
     pure_decode_step_times,
     score,
     validation_windows,
 )
+from provenance import cpu_name, stamp
 
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
 from ecserve.model.weights import read_config
 from ecserve.train import bpe
+
+WINDOW_LEN = 256  # tokens per scored validation window
+SERVED_LIVE = 32  # live sequences when scoring the served loss
 
 
 def decode_step_times(model_dir: Path, streams: int, prompts: torch.Tensor,
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     records = {m.name: json.loads((m / "training.json").read_text()) for m in a.models}
     streams = [int(s) for s in a.streams.split(",")]
-    ids, _ = validation_windows(a.models[0], a.windows, 256)
+    ids, _ = validation_windows(a.models[0], a.windows, WINDOW_LEN)
     prompts = ids[:, :16]
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(a.rounds):  # interleaved: the machine's load drifts
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in a.models:
         cfg = read_config(m)
         tb = torch.tensor(bpe.token_bytes(m / bpe.TOKENIZER_FILE))
-        row = score(m, Policy(cfg.routing.policy, cfg.routing.policy), "batch", 32, ids, tb)
+        row = score(m, Policy(cfg.routing.policy, cfg.routing.policy), "batch", SERVED_LIVE, ids,
+                    tb)
         served_nll[m.name] = row.nats_per_token
     print(f"cpu={cpu_name()} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"dtype=float32 rounds={a.rounds}")
@@ -149,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         plot(records, a.plot)
         print(f"training curves: {a.plot}")
     if a.json:
-        a.json.write_text(json.dumps({"cpu": cpu_name(), "torch": torch.__version__,
+        config = {"streams": streams, "rounds": a.rounds, "windows": a.windows,
+                  "window_len": WINDOW_LEN, "served_live": SERVED_LIVE, "dtype": "float32"}
+        plots = {"plots": [str(a.plot)]} if a.plot else {}  # bench/tables.py embeds them
+        a.json.write_text(json.dumps({**stamp(__file__, argv), "config": config, **plots,
                                       "models": out}, indent=1) + "\n")
     return 0
 

@@ -31,7 +31,6 @@ if not os.environ.get("ECSERVE_BENCH_CHILD"):
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from bench_decode_policies import cpu_name, openmp_env
+from provenance import openmp_env, stamp
 
 from ecserve.client import Client
 from ecserve.config import EngineConfig
@@ -183,6 +182,7 @@ def main() -> None:
         if 32 in served:
             r["served_tok_s_at_32"] = served[32]
     result = {
+        **stamp(__file__, packages=("grpcio",)),
         "ratios": ratios,
         "raw_decode_tok_s": {str(b): v for b, v in raw_med.items()},
         "raw_decode_tok_s_all_cores_spinning_32": unconstrained,
@@ -193,9 +193,6 @@ def main() -> None:
                    "serve_args": args.serve_arg,
                    "requests_per_level": args.requests_per_level, "dtype": "float32",
                    "omp": openmp_env()},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "cpu": cpu_name(), "torch": torch.__version__,
-                    "python": platform.python_version(), "grpcio": grpc.__version__},
     }
     print(f"\nraw decode (no server, {threads} torch threads): " + ", ".join(
         f"batch {b} {v:.1f} tok/s" for b, v in raw_med.items()))

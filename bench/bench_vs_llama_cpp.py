@@ -41,10 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_decode_policies import cpu_name, openmp_env
 from bench_vs_transformers import SIZE
 from gguf_mixtral import write_gguf
 from hf_models import build  # tests/hf_models.py: tiny HF checkpoints
+from provenance import cpu_name, openmp_env, stamp
 
 from ecserve.config import EngineConfig
 from ecserve.engine.llm import LLM
@@ -204,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w}: ecserve / llama.cpp = {rr['same_precision']:.2f} at float32, "
               f"{rr['each_fastest']:.2f} each at its fastest; tokens (float32 vs F32): {agree[w]}")
     if a.json:
-        a.json.write_text(json.dumps({"setup": setup, "rows": [asdict(r) for r in rows],
-                                      "ratios": ratios, "agreement": agree}, indent=2) + "\n")
+        a.json.write_text(json.dumps({
+            **stamp(__file__, argv, packages=("llama_cpp_python", "gguf")),
+            "setup": setup, "rows": [asdict(r) for r in rows], "ratios": ratios,
+            "agreement": agree}, indent=2) + "\n")
     return 0
 
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hf_models import build  # tests/hf_models.py: tiny HF checkpoints
+from provenance import stamp
 
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
@@ -210,6 +211,8 @@ def main() -> None:
           f"{ec * 1e3:.1f} ms, ec / token_choice = {ec / tc:.3f}")
     if args.json:
         result = {
+            **stamp(__file__, packages=("transformers", "grpcio")),
+            "baseline": hf_name,  # the engine the "vs transformers" ratios divide
             "ecserve_over_transformers": hf_wall / best["ecserve offline"],
             "served_over_transformers": hf_wall / best["ecserve served (gRPC)"],
             "ec_over_token_choice_step": ec / tc,
@@ -218,7 +221,7 @@ def main() -> None:
             "step_ms": {"token_choice": tc * 1e3, "ec": ec * 1e3},
             "config": {**SIZE, "requests": args.requests, "output_tokens": tokens,
                        "hf_batch_size": args.hf_batch_size, "rounds": args.rounds,
-                       "torch": torch.__version__},
+                       "reps": args.reps, "torch": torch.__version__},
         }
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

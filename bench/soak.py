@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import re
 import signal
@@ -32,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+from provenance import stamp
 
 from ecserve.client import Client, build_request
 from ecserve.parallel.group import free_port
@@ -213,9 +213,8 @@ def main() -> int:
         and end.get("ecserve_requests_waiting") == 0.0,
         "SIGTERM exit 0": code == 0,
     }
-    report.update(rss=rss, server_exit_code=code, checks=checks, config=vars(args),
-                  machine={"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "python": platform.python_version(), "grpcio": grpc.__version__})
+    report = {**stamp(__file__, packages=("grpcio",)), **report, "rss": rss,
+              "server_exit_code": code, "checks": checks, "config": vars(args)}
     print(json.dumps({k: report[k] for k in ("sent", "statuses", "skipped_at_max_in_flight",
                                              "rss", "checks")}, indent=1))
     for name, v in rss.items():
