@@ -45,7 +45,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     """Generation ends after any of these tokens (which is kept)."""
     stop_sequences: tuple[str, ...] = ()
-    """Generation ends when the text contains one of these (cut off unless
+    """Generation ends when the text contains one of these; the text ends before it (unless
     include_stop_sequence)."""
     include_stop_sequence: bool = False
     """Keep the matched stop sequence in the text."""

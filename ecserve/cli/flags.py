@@ -37,7 +37,7 @@ def add_flags(p: Group, cls: type, *, only: Collection[str] | None = None,
             default = f.default_factory()
         else:
             default = f.default
-        doc = re.sub(r"\b[a-z]+(?:_[a-z0-9]+)+\b",
+        doc = re.sub(r"(?<![.\w])[a-z]+(?:_[a-z0-9]+)+\b",
                      lambda m: options.get(m.group(), m.group()), docs[f.name])
         _add(p, f.name, hints[f.name], default, doc, spec,
              override=bool(defaults and f.name in defaults))
@@ -128,3 +128,4 @@ def _show(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return str(value)
+

@@ -15,7 +15,7 @@ HELP = "exit 0 if the server reports SERVING, else 1"
 
 @dataclass(frozen=True)
 class HealthOptions:
-    service: str = field(default="", metadata=flag(default_text='"", the whole server'))
+    service: str = field(default="", metadata=flag(default_text='""'))
     """The service to ask about: "" (the whole server) or ecserve.v1.GenerationService."""
     timeout: float = field(default=5.0, metadata=flag(metavar="S"))
     """Seconds to wait for the answer."""

@@ -52,13 +52,17 @@ class CoreSpec:
     log_level: str = "INFO"
 
 
+CORE_IGNORES = {signal.SIGINT, signal.SIGTERM}  # the core stops when the front end says
+
+
 def run_core(load: EngineLoader, spec: CoreSpec, input_addr: str, output_addr: str,
              parent_pid: int) -> None:
     """The engine-core process's entry point."""
     # The front end owns the lifecycle: a terminal's Ctrl-C reaches the whole process group,
-    # but the core stops only when told (after the drain) or when its parent is gone.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # but the core stops only when told (after the drain) or when its parent is gone. (Its
+    # front end starts it with them ignored already, so none cuts its start-up short.)
+    for sig in CORE_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     if spec.cpus is not None:

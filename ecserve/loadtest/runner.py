@@ -51,7 +51,7 @@ class Phase:
         self.interrupted = asyncio.Event()  # Ctrl-C: stop sending, cancel what is in flight
 
     def _may_send(self) -> bool:
-        if len(self.records) >= len(self.specs):
+        if len(self.records) >= len(self.specs) or self.interrupted.is_set():
             return False
         if time.perf_counter() >= self.stop_at:
             self.stopped_by = "duration"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -87,13 +88,20 @@ class Server:
         """Listen, load the model, warm it up, then report SERVING. Returns the bound port."""
         await self._set_health(NOT_SERVING)
         address = f"{self.cfg.host}:{self.cfg.port}"
+        refused = (f"cannot listen on {address}: the address is in use or not this machine's "
+                   "(another server? --port chooses another; --reuse-port shares one on "
+                   "purpose)")
+        if not self.cfg.reuse_port:
+            # Found before gRPC binds: its failure also logs a line of its own to stderr.
+            try:
+                _probe(self.cfg.host, self.cfg.port)
+            except OSError as e:
+                raise OSError(f"{refused} ({e.strerror})") from None
         try:
             self.port = (self.grpc.add_insecure_port(address) if self._credentials is None
                          else self.grpc.add_secure_port(address, self._credentials))
         except RuntimeError as e:
-            raise OSError(f"cannot listen on {address}: the address is in use or not this "
-                          "machine's (another server? --port chooses another; --reuse-port "
-                          f"shares one on purpose) ({e})") from None
+            raise OSError(f"{refused} ({e})") from None
         if self.cfg.metrics:
             self._start_http()
         await self.grpc.start()
@@ -290,6 +298,21 @@ def serve_model(load: EngineLoader, model: str | None, cfg: ServerConfig,
     finally:
         for close in closers:  # after the drain: the engine thread has stopped
             close()
+
+
+def _probe(host: str, port: int) -> None:
+    """OSError if a listener holds host:port. SO_REUSEADDR, as gRPC's own sockets, so a port
+    whose last connections are in TIME_WAIT (a restart) still counts as free."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        return  # gRPC reports a name it cannot resolve
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(addr)
 
 
 def serve(engine: Callable[[], Engine] | EngineCoreClient, cfg: ServerConfig) -> int:

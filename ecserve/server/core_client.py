@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -22,14 +23,14 @@ import signal
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
 from ecserve.config import ConfigError
-from ecserve.engine.core import CoreSpec, EngineLoader, run_core
+from ecserve.engine.core import CORE_IGNORES, CoreSpec, EngineLoader, run_core
 from ecserve.engine.core_protocol import Codec, CoreInput, CoreOutput, CoreReady
 from ecserve.engine.engine import EngineObserver
 from ecserve.engine.limits import RequestError
@@ -59,6 +60,27 @@ def _kill_orphans() -> None:
     for proc in list(_STARTED):
         if proc.exitcode is None:
             proc.kill()
+
+
+@contextlib.contextmanager
+def _children_ignore(signals: set[signal.Signals]) -> Iterator[None]:
+    """Children started inside inherit `signals` ignored. Ctrl-C and `kill` of the process
+    group reach the engine core too: it ignores them once it runs (run_core), but a child still
+    starting Python would die of one with a traceback. A signal sent to this process meanwhile
+    is held, and handled once its handler is back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread handles signals (and may set their handlers)
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    handlers = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class EngineCoreDied(RuntimeError):
@@ -107,7 +129,8 @@ class EngineCoreClient:
         proc = multiprocessing.get_context("spawn").Process(
             target=run_core, args=(self.load, self.spec, in_addr, out_addr, os.getpid()),
             name="ecserve-engine-core", daemon=False)
-        proc.start()
+        with _children_ignore(CORE_IGNORES):
+            proc.start()
         self._proc = proc
         _STARTED.add(proc)
         threading.Thread(target=self._watch, name="ecserve-core-watch", daemon=True).start()
