@@ -1,4 +1,4 @@
-"""Routing policies: which tokens of one routing group each expert processes (spec/routing.md §3-4).
+"""Routing policies: which tokens of one routing group each expert processes (docs/routing.md §3-4).
 
 Every policy returns the expert-centric layout: idx[E, k] (token position in the group, -1 for an
 empty slot) and gate[E, k] (float32, 0 for an empty slot), slots by descending gate, ties to the

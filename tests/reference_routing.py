@@ -1,4 +1,4 @@
-"""Slow, obviously-correct references for the routing policies (spec/routing.md §3-4).
+"""Slow, obviously-correct references for the routing policies (docs/routing.md §3-4).
 
 Plain Python on lists, written straight from the spec's wording and independent of
 ecserve.routing: no shared helpers. Same output layout: idx int64 [E, k] (-1 = empty slot) and

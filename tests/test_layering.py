@@ -1,4 +1,4 @@
-"""The house's one-direction rules (../shared/ARCHITECTURE.md), checked on the import graph.
+"""The house's one-direction rules (docs/architecture.md), checked on the import graph.
 
 The graph is ecserve's own modules and the imports between them, read from the source (nothing
 is imported): module-level imports and those inside functions alike, since a lazy import is

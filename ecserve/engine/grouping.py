@@ -1,4 +1,4 @@
-"""Cutting a step's tokens into routing groups (shared/spec/routing.md, section 5)."""
+"""Cutting a step's tokens into routing groups (docs/routing.md §5)."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ from. Light (no torch), so the command line's parser can use it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from ecserve.config.fields import flag
+from ecserve.placement.plan import Strategy
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class PlanOptions:
     """Devices to place the experts on (or --load a plan)."""
     device_memory: str | None = field(default=None, metadata=flag(metavar="SIZE"))
     """Weight memory per device, e.g. 80GiB, 512MiB, 1e9; default: unlimited."""
-    strategy: Literal["balanced", "affinity"] = "affinity"
+    strategy: Strategy = "affinity"
     """balanced: contiguous equal shares; affinity: equal shares, with experts that choose the
     same tokens on the same device."""
     replicate: bool = False

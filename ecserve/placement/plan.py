@@ -13,14 +13,16 @@ An expert's first device is its primary (its owner); any further ones hold repli
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ecserve.config import ConfigError, ModelConfig
 
 VERSION = 1
-STRATEGIES = ("balanced", "affinity")
+Strategy = Literal["balanced", "affinity"]
+STRATEGIES: tuple[Strategy, ...] = typing.get_args(Strategy)
 
 
 class PlanError(ConfigError):
@@ -50,7 +52,7 @@ class Device:
 class Placement:
     model: ModelShape
     devices: tuple[Device, ...]
-    strategy: str  # balanced | affinity
+    strategy: Strategy
     # MoE layer -> per expert the device ids holding it, primary first.
     layers: dict[int, tuple[tuple[int, ...], ...]]
 
