@@ -21,7 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-# The OpenMP settings a CPU timing depends on (README, "CPU servers and OpenMP").
+# The OpenMP settings a CPU timing depends on (docs/serving.md, "CPU servers and OpenMP").
 OPENMP_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 # What the scripts (and ecserve itself) set when the environment does not: not worth a prefix.
 OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}

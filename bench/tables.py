@@ -3,8 +3,8 @@
     render(Path("bench/results")) -> the page's Markdown
 
 One section per benchmark (files of one script that belong in one table share it), each with
-what was measured, every file's command, date and machine, and the tables the README showed
-for those figures, formatted as it formatted them. Each results JSON names its script under
+what was measured, every file's command, date and machine, and its tables, figures formatted
+as the docs write them. Each results JSON names its script under
 "benchmark" (bench/provenance.py writes it); a file whose benchmark has no renderer here, or
 without a command or date, is an error naming the file, so that a new result can never be left
 off the page in silence. The output depends on the files alone (sorted), never on the clock.
@@ -68,7 +68,7 @@ class Section:
 Renderer = Callable[[list[Result]], list[Section]]
 
 
-# ---- formatting, as the README formats its figures ------------------------------------------
+# ---- formatting, as the docs write figures ------------------------------------------
 
 def num(v: float, decimals: int = 0) -> str:
     """Thousands separators: 1,186 or 5,104.3."""
@@ -163,7 +163,9 @@ def provenance(result: Result) -> str:
     settings = settings_text(d)
     text = (f"`bench/results/{result.name}`, dated {d['date']}. Machine: "
             f"{machine_text(machine_of(d))}." + (f" Settings: {settings}." if settings else ""))
-    return para(text) + "\n\n```sh\n" + "\n".join(commands) + "\n```"
+    # The run that made the figures, shown, never rerun by the docs' example tests.
+    return (para(text) + "\n\n```sh norun: the recorded run\n" + "\n".join(commands)
+            + "\n```")
 
 
 def openmp_label(result: Result) -> str:
@@ -242,10 +244,11 @@ SERVING_RATIOS = {  # key: (row label, format, goal)
                                         "{:.2f}", ">= 0.75"),
     "scaling_32_over_1": ("served(32) / served(1)", "{:.1f}x", ">= 12x"),
 }
-LOADTEST = ("an `ecserve bench` open-loop run on the default model (`--request-rate 8 "
+LOADTEST = ("an `ecserve bench` open-loop run on the seeded random model, the default model "
+            "before 2026-11-27 (`--request-rate 8 "
             "--burstiness 0.5 --input-len-range 32 256 --output-len-range 32 256 "
             "--num-requests 80 --seed 0 --plot-dir DIR`), not a `bench_serving.py` run")
-# Plots by file name, with what they show (the README's, for those no results file names).
+# Plots by file name, with what they show (for those no results file names, as docs/ shows them).
 PLOTS = {
     "loadtest_throughput.png": f"Output tok/s in 1 s bins and requests in flight: {LOADTEST}",
     "loadtest_latency_cdf.png": f"TTFT, TPOT, ITL and E2EL distributions: {LOADTEST}",
@@ -320,7 +323,7 @@ def bench_serving(results: list[Result]) -> list[Section]:
             "torch threads beside the levels of batch 1 and 32. Output tok/s is over each "
             "level's whole run, prefill and ramp included.",
             sweeps, [b for r in sweeps for b in serving_sweep(r, sweeps)],
-            [Plot(name, PLOTS[name])  # where the README showed them, when they are there
+            [Plot(name, PLOTS[name])  # where the docs show them, when they are there
              for name in ("loadtest_throughput.png", "loadtest_latency_cdf.png")]))
     if placements:
         what = "; ".join(dict.fromkeys(str(r.data.get("what", "")) for r in placements))
@@ -580,7 +583,7 @@ def kernels(results: list[Result]) -> list[Section]:
     return [Section("Kernels (`bench_kernels.py`)", what, results, blocks)]
 
 
-# In the README's order; each renders every file of its benchmark.
+# In the docs' order; each renders every file of its benchmark.
 RENDERERS: dict[str, Renderer] = {
     "bench_decode_policies": decode_policies,
     "bench_seed_claim": seed_claim,

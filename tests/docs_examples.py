@@ -1,7 +1,8 @@
 """The examples of README.md and docs/*.md, run as a user would run them (the rules:
 docs/development.md, "Examples in the docs are tests").
 
-A page's fenced blocks run in order, in a fresh directory of their own:
+A page's fenced blocks run in order, in a fresh directory of their own that links the
+repository's files (as a checkout has them), so `python bench/...` runs:
 - ```sh: each command (`\\` continues a line, `#` comments) runs in bash. `ecserve serve ...`
   starts a server in the background, as in another terminal, ready once /readyz (or gRPC
   health) says so; it gets SIGTERM at the next `ecserve serve` or at the page's end, and must
@@ -114,7 +115,7 @@ def ecserve_args(command: str) -> list[str] | None:
     words = shell_words(command)
     while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):  # VAR=value prefixes
         words = words[1:]
-    if words[:1] and Path(words[0]).name == "ecserve":
+    if words[:1] and Path(words[0]).name == "ecserve" and not words[0].endswith("/"):
         return words[1:]
     if words[:3] in (["python", "-m", "ecserve"], ["python3", "-m", "ecserve"]):
         return words[3:]
@@ -135,6 +136,11 @@ def parses(args: list[str]) -> str | None:
     except SystemExit as e:
         return None if e.code == 0 else err.getvalue().strip()
     return None
+
+
+def _lines(text: str) -> list[str]:
+    """As a reader sees them: no trailing spaces, no blank lines around."""
+    return [line.rstrip() for line in text.strip("\n").splitlines()]
 
 
 def skeleton(text: str) -> list[str]:
@@ -202,7 +208,7 @@ class PageRun:
                 assert problem is None, f"{block.where}: `{command}` does not parse: {problem}"
 
     def sh(self, block: Block, command: str) -> None:
-        if command in NOT_HERE:
+        if " ".join(shell_words(command)) in NOT_HERE:
             return
         args = ecserve_args(command)
         if args is not None:
@@ -240,7 +246,7 @@ class PageRun:
         assert ran.returncode == code, (f"{block.where}: `{ran.command}` exited "
                                         f"{ran.returncode}, not {code}:\n{ran.output}")
         if "exact" in block.info.split():
-            assert ran.output.rstrip() == block.text.rstrip(), (
+            assert _lines(ran.output) == _lines(block.text), (
                 f"{block.where}: `{ran.command}` printed:\n{ran.output}")
         else:
             assert matches(skeleton(block.text), skeleton(ran.output)), (
@@ -346,7 +352,11 @@ def environment() -> dict[str, str]:
 
 def run_page(page: Path, cwd: Path) -> list[str]:
     """Run every example of `page` in `cwd`; returns the log of what ran."""
-    # README's `.venv/bin/ecserve`: the environment these tests run in.
+    # A checkout: the repository's files (bench/, protos/, ...), and as README's
+    # `.venv/bin/ecserve` the environment these tests run in.
+    for entry in ROOT.iterdir():
+        if entry.name not in (".git", ".venv") and not entry.name.startswith((".", "__")):
+            (cwd / entry.name).symlink_to(entry)
     (cwd / ".venv").symlink_to(BIN.parent, target_is_directory=True)
     run = PageRun(cwd, environment())
     try:

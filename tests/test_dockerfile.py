@@ -1,5 +1,6 @@
-"""The container files: the Dockerfile is hadolint-clean and keeps the promises the README makes
-(non-root, health check through `ecserve health`, gRPC port, SIGTERM drain, CPU/CUDA base arg).
+"""The container files: the Dockerfile is hadolint-clean and keeps the promises of
+docs/deployment.md (non-root, health check through `ecserve health`, gRPC port, SIGTERM drain,
+CPU/CUDA base arg).
 No image is built here: that needs a registry."""
 
 from __future__ import annotations

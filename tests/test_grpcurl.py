@@ -1,4 +1,4 @@
-"""The README's walkthrough: `ecserve serve` on the default model, then grpcurl through
+"""docs/serving.md's grpcurl walkthrough: `ecserve serve` on the default model, then grpcurl through
 reflection lists and describes the API, reads health, streams a generation, and gets
 INVALID_ARGUMENT naming the field for a bad request."""
 

@@ -1,5 +1,5 @@
 """The /metrics endpoint as Prometheus sees it: promtool's lint of a real scrape, a real
-Prometheus server scraping ecserve and answering the README's PromQL, and exact counters after
+Prometheus server scraping ecserve and answering docs/metrics.md's PromQL, and exact counters after
 a known workload (checked against the engine's step records).
 
 promtool and prometheus come from Debian's `prometheus` package (.ci/run installs it). Without

@@ -1,6 +1,6 @@
-"""bench/soak.py for 60 s (the README gives a 10-minute run): twice the server's capacity with
-cancellations, deadlines and slow readers; no INTERNAL or UNKNOWN, every KV block free after,
-SIGTERM exits 0."""
+"""bench/soak.py for 60 s (docs/deployment.md gives a 10-minute run): twice the server's
+capacity with cancellations, deadlines and slow readers; no INTERNAL or UNKNOWN, every KV block
+free after, SIGTERM exits 0."""
 
 from __future__ import annotations
 
