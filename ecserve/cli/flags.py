@@ -74,7 +74,7 @@ def _add(p: Group, name: str, tp: Any, default: Any, doc: str, spec: Flag,
     if base is bool and spec.parse is None:
         # Off by default: --x. On by default, or unset (None: decided later): --x and --no-x.
         kwargs["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
-        shown = shown or {True: "on", None: None, False: None}[default]
+        shown = shown or ("on" if default is True else None)
     else:
         allowed = choices(base)
         item = typing.get_args(base)[0] if typing.get_origin(base) in (tuple, list) else base
@@ -89,9 +89,8 @@ def _add(p: Group, name: str, tp: Any, default: Any, doc: str, spec: Flag,
         metavar = spec.metavar or (None if allowed else {int: "N", float: "X"}.get(item))
         if metavar:
             kwargs["metavar"] = metavar
-        if shown is None and not required and default is not None and not (
-                isinstance(default, (tuple, dict)) and not default):
-
+        empty = isinstance(default, (tuple, dict)) and not default
+        if shown is None and not required and default is not None and not empty:
             shown = _show(default)
     text = f"{doc} {spec.note}" if spec.note else doc
     if shown:
