@@ -30,11 +30,20 @@ def test_readme_is_a_front_door_to_every_page():
 @pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)
 def test_links_stay_in_the_repository_and_resolve(page: Path):
     for target in LINK.findall(page.read_text()):
-        if re.match(r"[a-z]+://|#|mailto:", target):
+        if re.match(r"[a-z]+://|mailto:", target):
             continue
-        path = (page.parent / target.split("#")[0]).resolve()
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
         assert path.is_relative_to(ROOT), f"{page.name}: {target} leaves the repository"
         assert path.exists(), f"{page.name}: {target} does not exist"
+        if anchor and path.suffix == ".md":
+            assert anchor in anchors(path), f"{page.name}: {target}: no such heading"
+
+
+def anchors(page: Path) -> set[str]:
+    """The heading anchors GitHub makes: lower case, punctuation dropped, spaces as -."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 def test_code_and_docs_cite_only_files_in_the_repository():
