@@ -191,6 +191,8 @@ def main() -> int:
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
 
+    # The server runs in a session of its own: a soak stopped by SIGTERM still stops it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     port, metrics_port = free_port(), free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ecserve-soak-{port}.log"
     server = start_server(port, metrics_port, args.model, log)

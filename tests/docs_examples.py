@@ -19,6 +19,7 @@ repository's files (as a checkout has them), so `python bench/...` runs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -124,7 +125,6 @@ def ecserve_args(command: str) -> list[str] | None:
 
 def parses(args: list[str]) -> str | None:
     """None when `ecserve ARGS` parses; else argparse's complaint."""
-    import contextlib
     import io
 
     from ecserve.cli import build_parser
@@ -221,15 +221,19 @@ class PageRun:
         self.last = self.execute(block, ["bash", "-c", command], command)
 
     def execute(self, block: Block, argv: list[str], what: str) -> Ran:
+        # A process group of its own, so a command past its time is stopped with whatever it
+        # started (SIGTERM first: a script cleans up after itself, then SIGKILL).
+        proc = subprocess.Popen(argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            res = subprocess.run(argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 timeout=COMMAND_TIMEOUT)
-        except subprocess.TimeoutExpired as e:
-            raise AssertionError(f"{block.where}: `{what}` ran past {COMMAND_TIMEOUT} s") from e
-        output = res.stdout.decode("utf-8", "replace")
+            out, _ = proc.communicate(timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            raise AssertionError(f"{block.where}: `{what}` ran past {COMMAND_TIMEOUT} s") from None
+        output = out.decode("utf-8", "replace")
         self.log.append(f"$ {what}\n{output}")
-        return Ran(what, res.returncode, output)
+        return Ran(what, proc.returncode, output)
 
     def settle(self) -> None:
         """The last command must have succeeded, unless a ```text exit=N block checked it."""
@@ -313,6 +317,16 @@ class PageRun:
                 finally:
                     if self.server is not None:
                         os.killpg(self.server.pid, signal.SIGKILL)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the command's group (a script cleans up after itself), SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+            return
 
 
 def _embedded_ecserve(command: str) -> list[str] | None:
