@@ -19,7 +19,6 @@ from ecserve.security import ClientOptions
 
 HELP = "load-test a server: vLLM's serving metrics, targets"
 EXIT_TARGET_MISSED = 3
-EXIT_INTERRUPTED = 130
 LOAD = ("concurrency", "request_rate", "burstiness", "num_requests", "duration",
         "drain_timeout", "max_in_flight", "warmup_requests", "timeout", "seed")
 REQUESTS = ("input_len", "output_len", "input_len_range", "output_len_range", "prompts_file",
@@ -98,9 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
         for path in write_plots(result.requests, outputs.plot_dir, f"({cfg.address})"):
             print(f"wrote {path}", file=sys.stderr)
-    if result.stopped_by == "interrupt":
-        print("ecserve: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    if result.stopped_by == "interrupt":  # reported and written: now the usual Ctrl-C exit
+        raise KeyboardInterrupt
     if verdicts and not all(v.passed for v in verdicts):
         return EXIT_TARGET_MISSED
     return 0
