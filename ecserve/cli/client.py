@@ -8,7 +8,13 @@ import sys
 from dataclasses import dataclass, field
 
 from ecserve.cli.flags import add_flags, from_flags
-from ecserve.cli.generation import PROMPT_HELP, add_generation_flags, read_prompt, sampling_params
+from ecserve.cli.generation import (
+    PROMPT_HELP,
+    add_generation_flags,
+    read_prompt,
+    routing_scope,
+    sampling_params,
+)
 from ecserve.config.fields import flag
 from ecserve.security import ClientOptions
 from ecserve.wording import counted
@@ -43,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                 prompt, max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                 seed=params.seed, stop_sequences=params.stop_sequences,
-                routing_scope=getattr(args, "routing_scope", None)):
+                routing_scope=routing_scope(args)):
             sys.stdout.write(last.text)
             sys.stdout.flush()
     sys.stdout.write("\n")

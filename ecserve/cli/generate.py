@@ -9,7 +9,13 @@ import sys
 from typing import TYPE_CHECKING
 
 from ecserve.cli.flags import add_flags, from_flags
-from ecserve.cli.generation import PROMPT_HELP, add_generation_flags, read_prompts, sampling_params
+from ecserve.cli.generation import (
+    PROMPT_HELP,
+    add_generation_flags,
+    read_prompts,
+    routing_scope,
+    sampling_params,
+)
 from ecserve.config import EngineConfig, ModelSource
 from ecserve.wording import counted
 
@@ -33,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ecserve.engine.llm import LLM
 
     llm = LLM(from_flags(ModelSource, args).resolved(), from_flags(EngineConfig, args))
-    scope = getattr(args, "routing_scope", None)
+    scope = routing_scope(args)
     if len(prompts) == 1:
         outs = llm.generate(prompts, params, scope, on_token=_stream)
     else:

@@ -50,6 +50,11 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return from_flags(SamplingParams, args)
 
 
+def routing_scope(args: argparse.Namespace) -> str | None:
+    """--routing-scope; None: the model's."""
+    return getattr(args, "routing_scope", None)
+
+
 def read_prompt(arg: str) -> str:
     """A prompt argument as text: `-` reads standard input. Arguments reach Python as the
     bytes the shell gave, so text that is not UTF-8 (`$'\\xff'`) is refused here, as the server

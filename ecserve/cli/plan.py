@@ -23,4 +23,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ecserve.placement.command import run as plan
 
-    return plan(from_flags(ModelSource, args).model, from_flags(PlanOptions, args))
+    return plan(from_flags(ModelSource, args).resolved(), from_flags(PlanOptions, args))

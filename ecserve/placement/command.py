@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ecserve.config import ConfigError, EngineConfig, ModelConfig, ModelSource
+from ecserve.config import ConfigError, EngineConfig, ModelConfig
 from ecserve.placement.affinity import affinity_placement
 from ecserve.placement.balanced import balanced_placement
 from ecserve.placement.memory import (
@@ -24,11 +24,11 @@ from ecserve.placement.traffic import cross_device_tokens
 
 
 def run(model: str | None, args: PlanOptions) -> int:
+    """model: the directory to plan for (ModelSource.resolved()); None: the shipped model."""
     from ecserve.model.default import default_model_dir
     from ecserve.model.weights import read_config
 
-    given = ModelSource(model).resolved()
-    model_dir = Path(given) if given else default_model_dir()
+    model_dir = Path(model) if model else default_model_dir()
     cfg = read_config(model_dir)
     shape = ModelShape.of(cfg)
     per_expert, dense = bytes_per_expert(cfg), dense_bytes(cfg)
@@ -57,7 +57,7 @@ def run(model: str | None, args: PlanOptions) -> int:
         if args.replicate:
             plan = replicate_hot_experts(plan, stats, per_expert, dense)
     check_fits(plan, per_expert, dense)
-    print(report(plan, balanced, stats, cfg, model_dir.name if given else "default"))
+    print(report(plan, balanced, stats, cfg, model_dir.name if model else "default"))
     if args.save:
         print(f"saved {save_plan(plan, args.save)}")
     return 0
