@@ -4,8 +4,13 @@ statistics line goes to standard error."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ecserve.cli.flags import add_flags, from_flags
 from ecserve.cli.generation import (
@@ -18,6 +23,9 @@ from ecserve.cli.generation import (
 from ecserve.config.fields import flag
 from ecserve.security import ClientOptions
 from ecserve.wording import counted
+
+if TYPE_CHECKING:
+    from ecserve.client import Client
 
 HELP = "stream a generation from a server to the terminal"
 
@@ -44,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     last = None
     with Client(opts.address, timeout=from_flags(CallOptions, args).timeout,
-                security=opts.security()) as client:
+                security=opts.security()) as client, _cancel_on_ctrl_c(client):
         for last in client.stream(
                 prompt, max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
@@ -57,3 +65,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{counted(last.generated_token_count, 'token')}, stop: "
               f"{pb.StopReason.Name(last.stop_reason)}, seed: {last.seed}]", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def _cancel_on_ctrl_c(client: Client) -> Iterator[None]:
+    """Ctrl-C closes the channel (cancelling the stream) instead of raising inside grpc's
+    locks, where a KeyboardInterrupt can surface as `RuntimeError: cannot release un-acquired
+    lock`. The close runs on its own thread: the handler may run while this thread holds the
+    lock the close needs."""
+    import grpc
+
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.set()
+        threading.Thread(target=client.channel.close, daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except grpc.RpcError:
+        if interrupted.is_set():
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
