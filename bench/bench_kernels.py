@@ -202,6 +202,8 @@ def copy_bandwidth(t) -> float:
 def decode_model(args: argparse.Namespace, dt: torch.dtype, device: str):
     """A random all-MoE model at the bench's expert shapes, built on the device (no file)."""
     from ecserve.config import ModelConfig, RoutingConfig
+    from ecserve.model.experts import TritonExperts
+    from ecserve.model.kernels import Kernels
     from ecserve.model.transformer import Transformer
 
     cfg = ModelConfig(
@@ -212,7 +214,7 @@ def decode_model(args: argparse.Namespace, dt: torch.dtype, device: str):
         routing=RoutingConfig(policy="capped", capacity_factor=args.capacity_factor,
                               group_size=64, scope="batch"))
     with torch.device(device):
-        model = Transformer(cfg)
+        model = Transformer(cfg, Kernels("triton", TritonExperts()))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -236,8 +238,8 @@ def bench_decode_step(t, args: argparse.Namespace, dt: torch.dtype, copy_bw: flo
     cfg, bs, ctx = model.cfg, 16, args.decode_context
     sizes = sorted({1, 8, args.decode_tokens})
     per_seq = ctx // bs
-    eager, graphed = (ModelRunner(model, max(sizes) * per_seq, bs, "triton",
-                                  table_width=per_seq) for _ in range(2))
+    eager, graphed = (ModelRunner(model, max(sizes) * per_seq, bs, table_width=per_seq)
+                      for _ in range(2))
     blocker = graphed.enable_decode_graphs(max(sizes), 64, capture)
     assert blocker is None, blocker
     elem = torch.finfo(dt).bits // 8

@@ -45,8 +45,8 @@ def graph_blocker(model: Transformer, kernels: str) -> str | None:
         moe = block.moe
         if moe is None:
             continue
-        if moe.expert_parallel is not None:
-            return "expert parallelism exchanges rows between processes each step"
+        if moe.experts.graph_blocker is not None:
+            return f"the {moe.experts.name} experts: {moe.experts.graph_blocker}"
         r = moe.routing
         if r.policy == "capped" and r.experts_per_token_cap(cfg.num_experts) < cfg.num_experts:
             return "capped routing with max_experts_per_token < num_experts decides in rounds"

@@ -24,7 +24,7 @@ from ecserve.engine.runner import (
     RunnerLost,
     free_memory_bytes,
     kv_bytes_per_block,
-    resolve_kernels,
+    model_kernels,
 )
 from ecserve.engine.sampler import sample, token_logprobs
 from ecserve.engine.sequence import Sequence
@@ -97,11 +97,10 @@ class Engine:
                               else "cuda" if torch.cuda.is_available() else "cpu")
         self.device, self.dtype_name = device, resolved.dtype
         model = load_model(self.model_dir, mc, device, TORCH_DTYPES[self.dtype_name],
-                           experts=experts)
+                           experts=experts, kernels=model_kernels(cfg.kernels, device))
         num_blocks = self._num_kv_blocks(model, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size,
-                                  resolve_kernels(cfg.kernels, device),
                                   table_width=-(-self.max_model_len // cfg.block_size))
         self.limits = RequestLimits(mc.vocab_size, self.max_model_len, cfg.max_waiting,
                                     cfg.max_waiting_tokens, cfg.block_size, num_blocks)
@@ -109,6 +108,10 @@ class Engine:
         self.text = TextStage(self.tokenizer) if detokenize else None
         if cfg.cuda_graphs and device.type == "cuda" and experts is None:
             self._start_decode_graphs()
+        if cfg.decode == "compiled" and experts is None:
+            blocker = self.runner.enable_compiled_decode(cfg.max_num_seqs)
+            if blocker is not None:
+                log.info("decode steps run eagerly: %s", blocker)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = 0
         self.last_stats: StepStats | None = None

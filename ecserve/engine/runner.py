@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ecserve.config import ConfigError
+from ecserve.engine.compiled_decode import CompiledDecode, compile_blocker
 from ecserve.engine.decode_graphs import DecodeGraphs, graph_blocker
 from ecserve.model.attention import LayerKV
 from ecserve.model.batch import ForwardBatch
+from ecserve.model.experts import (
+    BatchedExperts,
+    FilledExperts,
+    FusedCpuExperts,
+    TritonExperts,
+    small_batch_linear,
+)
+from ecserve.model.kernels import Kernels
 from ecserve.model.transformer import Transformer
 from ecserve.types import MoEStats, StepPlan
+
+log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int) -> int:
@@ -43,7 +55,7 @@ class RunnerLost(RuntimeError):
     request and reports itself lost (`Engine.lost`); the server stops with exit code 1."""
 
 
-def resolve_kernels(choice: str, device: torch.device) -> str:
+def resolve_kernels(choice: str, device: torch.device) -> Literal["torch", "triton"]:
     """EngineConfig.kernels -> torch | triton for this device."""
     import ecserve_kernels
 
@@ -56,23 +68,43 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(f"kernels=triton needs a CUDA device, got {device} (on a CPU "
                               "only Triton's interpreter runs them: TRITON_INTERPRET=1, slow)")
-    return choice
+        return "triton"
+    return "torch"
+
+
+def model_kernels(choice: str, device: torch.device) -> Kernels:
+    """The operators a model built for `device` runs (EngineConfig.kernels): Triton's on a GPU
+    that has them; on a CPU under `auto`, ecserve's C++ ops (built on first use) or, where they
+    cannot be built, plain torch, saying why once in the log."""
+    attention = resolve_kernels(choice, device)
+    if attention == "triton":
+        return Kernels("triton", TritonExperts())
+    if device.type != "cpu":
+        return Kernels("torch", BatchedExperts())
+    if choice == "auto":
+        import ecserve_kernels.cpu
+
+        why = ecserve_kernels.cpu.load()
+        if why is None:
+            return Kernels("torch", FusedCpuExperts(), small_batch_linear)
+        log.warning("CPU ops unavailable, running plain torch (slower decode): %s", why)
+    return Kernels("torch", FilledExperts())
 
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 kernels: str = "torch", table_width: int | None = None) -> None:
+                 table_width: int | None = None) -> None:
         """table_width: block tables are padded to this many blocks (the longest sequence's),
         so the paged kernel's shapes, and its rounding, never follow the context lengths
         (None: each step's longest table)."""
         cfg = model.cfg
         assert cfg.num_kv_heads is not None and cfg.head_dim is not None
         self.model = model
-        self.kernels = kernels
-        model.set_kernels(kernels)
+        self.kernels = kernels = model.kernels.attention
         self.block_size = block_size
         self.table_width = table_width
         self.decode_graphs: DecodeGraphs | None = None
+        self.compiled: CompiledDecode | None = None  # set by enable_compiled_decode
         # Decode runs go to the paged kernel (Attention.attend): no padded key layout for them.
         self.paged_decode = kernels == "triton" and cfg.position_encoding != "relative_bias"
         self.last_step_graphed = False  # whether the last execute() replayed a decode graph
@@ -104,6 +136,27 @@ class ModelRunner:
         return None
 
     @torch.inference_mode()
+    def enable_compiled_decode(self, max_batch: int) -> str | None:
+        """Run pure-decode steps of up to max_batch sequences through the compiled graph,
+        compiled now. Returns why not, if not (compiling failed: the reason, logged)."""
+        blocker = compile_blocker(self.model)
+        if blocker is None and self.table_width is None:
+            blocker = "the compiled decode step needs a fixed block table width"
+        if blocker is not None:
+            return blocker
+        assert self.table_width is not None
+        compiled = CompiledDecode(self.model, self.kv, self.block_size, max_batch,
+                                  self.table_width)
+        try:
+            seconds = compiled.warm_up()
+        except Exception as exc:  # no compiler, an inductor bug: slower, never down
+            log.exception("compiling the decode step failed; decode steps run eagerly")
+            return f"compiling failed: {type(exc).__name__}: {exc}"
+        log.info("compiled the decode step (1 .. %d sequences) in %.1f s", max_batch, seconds)
+        self.compiled = compiled
+        return None
+
+    @torch.inference_mode()
     def capture_decode_graphs(self, layouts: list[tuple[int, ...]]) -> int:
         """Capture these routing-group layouts now; returns the graphs held (0: graphs off)."""
         if self.decode_graphs is None:
@@ -127,6 +180,14 @@ class ModelRunner:
                     self.last_step_graphed = True
                     # A copy even on a CPU: the graphs' logits buffer is rewritten every step.
                     return out[0].to("cpu", copy=True), out[1]
+            compiled = self.compiled
+            if compiled is not None and not time_experts and compiled.accepts(plan):
+                try:
+                    return compiled.run(plan)
+                except Exception:  # costs speed, never a request: this step reruns eagerly
+                    log.exception("the compiled decode step failed; decode steps run "
+                                  "eagerly from now on")
+                    self.compiled = None
             batch = ForwardBatch.from_plan(plan, self.model.cfg, self.block_size, self.device,
                                            time_experts, self.table_width,
                                            paged_decode=self.paged_decode)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ecserve.config import ModelConfig
 from ecserve.model.batch import AttentionRuns, ForwardBatch
+from ecserve.model.kernels import Kernels
 from ecserve.model.layers import RMSNorm, apply_rope
 
 
@@ -21,8 +22,9 @@ class LayerKV(NamedTuple):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None) -> None:
         super().__init__()
+        kernels = kernels or Kernels()
         assert cfg.num_kv_heads is not None and cfg.head_dim is not None
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -43,7 +45,8 @@ class Attention(nn.Module):
                         "head": (hd, hd)}.get(cfg.qk_norm, (0, 0))
         self.q_norm = RMSNorm(q_dim, cfg.norm_eps) if q_dim else None
         self.k_norm = RMSNorm(k_dim, cfg.norm_eps) if k_dim else None
-        self.kernels = "torch"  # or "triton" (set by the runner: Transformer.set_kernels)
+        self.kernels = kernels.attention
+        self.linear = kernels.linear
         # Per-layer relative position bias of the paper's model: [buckets, heads].
         self.rel_bias = (
             nn.Parameter(torch.empty(cfg.relative_attention_num_buckets, cfg.num_heads))
@@ -56,9 +59,9 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> q [N, H, hd], k and v [N, KVH, hd], rope applied."""
         n = x.shape[0]
-        q = F.linear(x, self.wq, self.bq)  # [N, H*hd]
-        k = F.linear(x, self.wk, self.bk)  # [N, KVH*hd]
-        v = F.linear(x, self.wv, self.bv).view(n, self.num_kv_heads, self.head_dim)
+        q = self.linear(x, self.wq, self.bq)  # [N, H*hd]
+        k = self.linear(x, self.wk, self.bk)  # [N, KVH*hd]
+        v = self.linear(x, self.wv, self.bv).view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
@@ -73,7 +76,7 @@ class Attention(nn.Module):
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """The output projection: attention output [N, H*hd] -> [N, d]."""
-        return F.linear(out, self.wo, self.bo)
+        return self.linear(out, self.wo, self.bo)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: LayerKV) -> torch.Tensor:
         # x: [N, d] -> [N, d]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,10 @@ def activation_fn(name: str):
 class GLUFeedForward(nn.Module):
     """down(act(gate(x)) * up(x)): the dense layer, and the shared expert."""
 
-    def __init__(self, dim: int, hidden: int, activation: str) -> None:
+    def __init__(self, dim: int, hidden: int, activation: str,
+                 linear: Callable[..., torch.Tensor] = F.linear) -> None:
         super().__init__()
+        self.linear = linear
         self.w_gate = nn.Parameter(torch.empty(hidden, dim))
         self.w_up = nn.Parameter(torch.empty(hidden, dim))
         self.w_down = nn.Parameter(torch.empty(dim, hidden))
@@ -42,8 +45,8 @@ class GLUFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, d] -> [N, d]
-        h = self.act(F.linear(x, self.w_gate)) * F.linear(x, self.w_up)  # [N, f]
-        return F.linear(h, self.w_down)
+        h = self.act(self.linear(x, self.w_gate, None)) * self.linear(x, self.w_up, None)
+        return self.linear(h, self.w_down, None)  # [N, f] -> [N, d]
 
 
 def rope_cos_sin(

@@ -5,21 +5,23 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ecserve.config import ModelConfig
+from ecserve.model.kernels import Kernels
 from ecserve.model.layers import GLUFeedForward, activation_fn
 from ecserve.routing import expert_choice_groups, route, threshold_choice, token_choice
 from ecserve.types import MoEStats
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, kernels: Kernels | None = None) -> None:
         super().__init__()
+        kernels = kernels or Kernels()
         e, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size
         self.layer = layer
         self.routing = cfg.routing
@@ -31,15 +33,14 @@ class MoELayer(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e, d, f))
         self.act = activation_fn(cfg.activation)
         self.activation = cfg.activation
-        self.kernels = "torch"  # or "triton" (set by the runner: Transformer.set_kernels)
+        # How the routed experts run (ecserve/model/experts.py); expert parallelism replaces
+        # it once, before the first step (ecserve/parallel/moe_ep.py).
+        self.experts = kernels.experts
+        self.linear = kernels.linear
         fs = cfg.shared_expert_ffn_hidden_size
-        self.shared = GLUFeedForward(d, fs, cfg.activation) if fs else None
+        self.shared = GLUFeedForward(d, fs, cfg.activation, kernels.linear) if fs else None
         # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x @ shared_gate.T) [N, 1].
         self.shared_gate = nn.Parameter(torch.empty(1, d)) if cfg.shared_expert_gate else None
-        # Expert parallelism (ecserve/parallel/moe_ep.py): when set, this layer holds only its
-        # rank's experts and combine() dispatches the slots across ranks; None: all experts here.
-        self.expert_parallel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                                       torch.Tensor] | None = None
         # threshold policy: float32 [E], the calibrated theta_e (checkpoint tensor
         # layers.N.moe.threshold, set by the loader); None when the checkpoint has none.
         self.register_buffer("threshold", None, persistent=False)
@@ -117,63 +118,13 @@ class MoELayer(nn.Module):
 
     def combine(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """y_t = sum of gate * FFN_e(x_t) over slots holding t, in float32, by ascending expert."""
-        if self.expert_parallel is not None:  # the same contract, across ranks
-            return self.expert_parallel(x, idx, gate)
-        if self.kernels == "triton":  # the same contract, fused (kernels/ecserve_kernels/README.md)
-            import ecserve_kernels
-
-            return ecserve_kernels.expert_mlp(x, idx, gate.float(), self.w_gate, self.w_up,
-                                              self.w_down, self.activation, "deterministic")
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return self._combine_filled(x, idx, gate)
-        return self._combine_batched(x, idx, gate)
-
-    def _combine_batched(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor
-                         ) -> torch.Tensor:
-        """combine() over the whole [E, K] layout as three batched GEMMs: static shapes (CUDA
-        graphs, compiled training); empty slots compute a row of zero weight."""
-        xs = x[idx.clamp(min=0)]  # [E, K, d]: gathered token rows (empty slots read token 0)
-        h = self.act(torch.bmm(xs, self.w_gate.transpose(1, 2)))  # [E, K, f]
-        h.mul_(torch.bmm(xs, self.w_up.transpose(1, 2)))
-        out = torch.bmm(h, self.w_down.transpose(1, 2)).float()  # [E, K, d]
-        out.mul_(gate[..., None])  # empty slots have gate 0
-        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        # Expert-major source order: CPU index_add_ accumulates rows in that order, which is
-        # the spec's ascending expert order. (CUDA uses the Triton combine, issue 7.)
-        # Empty slots add their zero rows to token 0, which changes no bit of its sum.
-        y.index_add_(0, idx.clamp(min=0).flatten(), out.flatten(0, 1))
-        return y
-
-    def _combine_filled(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor
-                        ) -> torch.Tensor:
-        """combine() on a CPU: only the filled slots, each expert's weights read once.
-
-        A decode step is memory-bound, and the batched [E, K] layout streams every expert's
-        weights even where an expert holds no token (token choice and `capped` at small
-        batch, empty `ec` slots). Data-dependent shapes are free on a CPU; the GPU path keeps
-        the static layout its CUDA graphs need, and compiled training keeps the one bmm.
-        """
-        filled = idx >= 0  # [E, K]
-        counts = filled.sum(dim=1).tolist()  # [E]: tokens each expert holds
-        pos = filled.flatten().nonzero().squeeze(1)  # expert-major: ascending expert order
-        tok = idx.flatten()[pos]  # [S]
-        xs = x[tok]  # [S, d]
-        out = torch.empty(tok.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        start = 0
-        for e, count in enumerate(counts):
-            if count:  # [k_e, d] rows, written as float32
-                out[start:start + count] = self.expert_glu(e, xs[start:start + count])
-                start += count
-        out.mul_(gate.flatten()[pos, None])
-        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        # One token appears at most once per expert, so each token's sum runs in ascending
-        # expert order, as the spec's is (CPU index_add_ follows the source order).
-        return y.index_add_(0, tok, out)
+        return self.experts(self, x, idx, gate)
 
     def expert_glu(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         """GLU of the e-th expert this layer holds on its token rows: [k, d] -> [k, d]."""
-        h = self.act(F.linear(rows, self.w_gate[e])) * F.linear(rows, self.w_up[e])  # [k, f]
-        return F.linear(h, self.w_down[e])
+        linear = self.linear
+        h = self.act(linear(rows, self.w_gate[e], None)) * linear(rows, self.w_up[e], None)
+        return linear(h, self.w_down[e], None)  # [k, f] -> [k, d]
 
     @torch.no_grad()
     def time_experts(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -204,6 +155,23 @@ class MoELayer(nn.Module):
     def _stats(
         self, idx: torch.Tensor, gate: torch.Tensor, n: int, group_bounds: Sequence[int]
     ) -> MoEStats:
+        tokens, gate_sum, hist = self.stat_tensors(idx, gate, n)
+        sizes = tuple(b - a for a, b in itertools.pairwise(group_bounds))
+        return MoEStats(
+            layer=self.layer,
+            policy=self.routing.policy,
+            group_sizes=sizes,
+            capacity_slots=int(idx.shape[1]),
+            tokens_per_expert=tokens,
+            gate_sum=gate_sum,
+            experts_per_token=hist,
+        )
+
+    @staticmethod
+    def stat_tensors(idx: torch.Tensor, gate: torch.Tensor, n: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens per expert [E], their gate sums [E] and the experts-per-token histogram
+        [E + 1] of a routing over n tokens."""
         # Counted by scatter_add over static shapes (no boolean indexing, no bincount: both
         # wait for the device), so a CUDA graph can hold the whole step, statistics included.
         valid = idx >= 0
@@ -212,13 +180,4 @@ class MoELayer(nn.Module):
             0, slots, torch.ones_like(slots))[:n]  # [N]: experts each token got
         hist = torch.zeros(idx.shape[0] + 1, dtype=torch.long, device=idx.device).scatter_add_(
             0, per_token, torch.ones_like(per_token))  # [E + 1]
-        sizes = tuple(b - a for a, b in itertools.pairwise(group_bounds))
-        return MoEStats(
-            layer=self.layer,
-            policy=self.routing.policy,
-            group_sizes=sizes,
-            capacity_slots=int(idx.shape[1]),
-            tokens_per_expert=valid.sum(dim=1),
-            gate_sum=(gate * valid).sum(dim=1),
-            experts_per_token=hist,
-        )
+        return valid.sum(dim=1), (gate * valid).sum(dim=1), hist

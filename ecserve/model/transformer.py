@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ecserve.config import ModelConfig
 from ecserve.model.attention import Attention, LayerKV
 from ecserve.model.batch import ForwardBatch
+from ecserve.model.kernels import Kernels
 from ecserve.model.layers import GLUFeedForward, RMSNorm
 from ecserve.model.moe import MoELayer
 from ecserve.types import MoEStats
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, kernels: Kernels) -> None:
         super().__init__()
         assert cfg.moe_layers is not None
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, kernels)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.moe = MoELayer(cfg, layer) if layer in cfg.moe_layers else None
+        self.moe = MoELayer(cfg, layer, kernels) if layer in cfg.moe_layers else None
         self.ffn = (
             None if self.moe else GLUFeedForward(cfg.hidden_size, cfg.ffn_hidden_size,
-                                                 cfg.activation)
+                                                 cfg.activation, kernels.linear)
         )
 
     def feed_forward(
@@ -47,23 +47,19 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None) -> None:
+        """kernels: which implementation each operator runs, fixed for the model's life
+        (default: plain torch with batched experts, as training runs)."""
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels = kernels or Kernels()
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, kernels) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = (
             None if cfg.tie_word_embeddings
             else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         )
-
-    def set_kernels(self, kernels: str) -> None:
-        """torch | triton: which implementation attention and the MoE layers run."""
-        for block in self.layers:
-            block.attn.kernels = kernels
-            if block.moe is not None:
-                block.moe.kernels = kernels
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -71,7 +67,7 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output head: h [M, d] -> float32 logits [M, V]."""
-        return F.linear(self.norm(h), self.head_weight).float()
+        return self.kernels.linear(self.norm(h), self.head_weight, None).float()
 
     def forward(
         self, batch: ForwardBatch, kv_caches: list[LayerKV]

@@ -24,6 +24,7 @@ from ecserve.model.checkpoint import (
     tensor_files,
     tensor_problem,
 )
+from ecserve.model.kernels import Kernels
 from ecserve.model.transformer import Transformer
 from ecserve.readable import check_readable
 
@@ -189,15 +190,17 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     experts: ExpertFilter | None = None,
+    kernels: Kernels | None = None,
 ) -> Transformer:
-    """Build the model from a checked checkpoint, in `dtype` (default: the config's).
+    """Build the model from a checked checkpoint, in `dtype` (default: the config's), running
+    `kernels` (default: plain torch, see Transformer).
 
     experts (expert parallelism): each listed MoE layer holds only those experts, its
     w_gate/w_up/w_down [E_own, ...] in the listed order; the rest of the model is whole."""
     dtype = dtype or TORCH_DTYPES[cfg.dtype]
     state = load_state_dict(model_dir, cfg, experts)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, kernels)
     for name in expert_rows(cfg, experts):  # shrink the meta parameters to the kept rows
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)

@@ -172,7 +172,7 @@ def enable_expert_parallel(engine, group: ParallelGroup, placement: Placement | 
         "device": str(engine.device),
         "num_blocks": engine.blocks.num_blocks,
         "block_size": engine.cfg.block_size,
-        "kernels": runner.kernels,
+        "kernels": engine.cfg.kernels,  # the same operators on every rank
         "placement": placement,
         "num_threads": worker_threads or torch.get_num_threads(),
     })

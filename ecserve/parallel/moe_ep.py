@@ -66,7 +66,11 @@ def home_range(rank: int, world: int, n: int) -> tuple[int, int]:
 
 
 class ExpertParallelCombine:
-    """Installed as `layer.expert_parallel`; keeps only this rank's experts in `layer`."""
+    """The expert backend of a sharded layer (ecserve/model/experts.py), installed once before
+    the first step; keeps only this rank's experts in `layer`."""
+
+    name = "expert-parallel"
+    graph_blocker = "expert parallelism exchanges rows between processes each step"
 
     def __init__(self, layer: MoELayer, group: ParallelGroup, owners: Sequence[int]) -> None:
         """owners[e]: the rank holding expert e of this layer. The layer holds either all E
@@ -91,9 +95,10 @@ class ExpertParallelCombine:
                              f"{len(self.owned)} of {e}")
         self.traffic = torch.zeros(self.world, self.world, dtype=torch.long)  # rows[src, dst]
         self.calls = 0
-        layer.expert_parallel = self
+        layer.experts = self
 
-    def __call__(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: MoELayer, x: torch.Tensor, idx: torch.Tensor,
+                 gate: torch.Tensor) -> torch.Tensor:
         n, d = x.shape
         num_e, k = idx.shape
         w = self.world
@@ -159,8 +164,8 @@ def shard_experts(model: nn.Module, group: ParallelGroup, placement: Placement) 
 
 def combines(model: nn.Module) -> dict[int, ExpertParallelCombine]:
     """MoE layer -> its expert-parallel combine (empty when the model is not sharded)."""
-    return {b.moe.layer: b.moe.expert_parallel for b in model.layers
-            if b.moe is not None and isinstance(b.moe.expert_parallel, ExpertParallelCombine)}
+    return {b.moe.layer: b.moe.experts for b in model.layers
+            if b.moe is not None and isinstance(b.moe.experts, ExpertParallelCombine)}
 
 
 def traffic(model: nn.Module) -> dict[int, tuple[torch.Tensor, int]]:

@@ -11,7 +11,7 @@ import signal
 
 import torch
 
-from ecserve.engine.runner import ModelRunner
+from ecserve.engine.runner import ModelRunner, model_kernels
 from ecserve.model.weights import TORCH_DTYPES, load_model, read_config
 from ecserve.parallel.driver import broadcast
 from ecserve.parallel.group import ParallelGroup, destroy_group, init_group
@@ -36,8 +36,9 @@ def run_worker(group: ParallelGroup, local_rank: int | None = None) -> int:
     # Only this rank's experts are read from the checkpoint (the loader's expert filter).
     model = load_model(setup["model_dir"], cfg, device,
                        TORCH_DTYPES[setup["dtype"]],
-                       experts=owned_experts(setup["placement"], group.rank))
-    runner = ModelRunner(model, setup["num_blocks"], setup["block_size"], setup["kernels"])
+                       experts=owned_experts(setup["placement"], group.rank),
+                       kernels=model_kernels(setup["kernels"], device))
+    runner = ModelRunner(model, setup["num_blocks"], setup["block_size"])
     shard_experts(model, group, setup["placement"])
     log.info("expert-parallel worker %d holds experts %s; w_gate shapes %s", group.rank,
              owned_experts(setup["placement"], group.rank),

@@ -199,3 +199,53 @@ def paged_decode_attention_reference(
     s = s.masked_fill((pos[None, :] >= seq_lens[:, None])[:, None, :], -math.inf)
     out = torch.einsum("bhl,blhd->bhd", torch.softmax(s, dim=-1), vv)
     return out.to(q.dtype)
+
+
+# ---------------------------------------------------------------- CPU ops (cpu/ops.cpp)
+
+
+def chunked_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] . b [O, K] -> float32 [M, O] in the CPU ops' order: 16 lane sums over K in
+    chunks of 16 (tail zero-padded), each product rounded before it is added, then the lanes
+    folded in halves (16 -> 8 -> 4 -> 2 -> 1)."""
+    k = a.shape[1]
+    pad = -k % 16
+    a = F.pad(a.float(), (0, pad)).view(a.shape[0], 1, -1, 16)  # [M, 1, C, 16]
+    b = F.pad(b.float(), (0, pad)).view(1, b.shape[0], -1, 16)  # [1, O, C, 16]
+    acc = torch.zeros(a.shape[0], b.shape[1], 16)
+    for c in range(a.shape[2]):
+        acc = acc + a[:, :, c] * b[:, :, c]
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc[..., 0]
+
+
+def cpu_linear_reference(x: torch.Tensor, w: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.ops.ecserve.linear's twin: x [M, K] @ w [O, K].T (+ bias) in x's dtype; past 8
+    rows, or in bf16, the op is F.linear."""
+    if x.shape[0] > 8 or x.dtype != torch.float32:
+        return F.linear(x, w, bias)
+    y = chunked_dot(x, w)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def moe_experts_reference(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor,
+                          w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                          activation: str) -> torch.Tensor:
+    """torch.ops.ecserve.moe_experts' twin: y [N, d] float32, the sum over filled slots
+    (idx [E, K] >= 0) of gate * GLU_e(x[token]), each token's terms in ascending expert
+    order; the hidden activations stay float32."""
+    y = torch.zeros(x.shape[0], x.shape[1])
+    for e in range(idx.shape[0]):
+        filled = idx[e] >= 0
+        tok = idx[e][filled]
+        if tok.numel() == 0:
+            continue
+        xs = x[tok]
+        h = glu_act(chunked_dot(xs, w_gate[e]), activation) * chunked_dot(xs, w_up[e])
+        y.index_add_(0, tok, chunked_dot(h, w_down[e]) * gate[e][filled][:, None])
+    return y

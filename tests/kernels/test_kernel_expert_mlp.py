@@ -15,6 +15,7 @@ if not torch.cuda.is_available():  # Triton runs on the CPU only interpreted; se
 import ecserve_kernels as K
 
 from ecserve.config import ModelConfig, RoutingConfig
+from ecserve.model.experts import BatchedExperts
 from ecserve.model.moe import MoELayer
 from ecserve.routing import expert_choice
 
@@ -126,7 +127,7 @@ def test_twin_matches_moe_layer_combine(e, c, activation, groups, dtype: torch.d
         gate_parts.append(g)
     idx, gate = torch.cat(idx_parts, 1), torch.cat(gate_parts, 1)
     idx[0, -1], gate[0, -1] = -1, 0.0  # an empty slot, as capped routing leaves them
-    want = layer._combine_batched(x, idx, gate)  # the layout the GPU path runs
+    want = BatchedExperts()(layer, x, idx, gate)  # the layout the GPU path runs
     got = K.expert_mlp_reference(x, idx, gate, layer.w_gate, layer.w_up, layer.w_down,
                                  activation=activation)
     assert torch.equal(got, want)  # same GEMMs, same float32 order: bit for bit

@@ -1,0 +1,118 @@
+"""Pure-decode steps through one torch.compile'd graph (EngineConfig.decode = "compiled").
+
+A decode step of the eager model is a few hundred small operators, each paying Python's and
+the dispatcher's overhead, which on a CPU costs more than the step's arithmetic. Compiled, the
+step is one graph: inductor fuses the elementwise work (norms, rope, residuals, routing) into
+a few C++ loops, and the model's own operators (ecserve's CPU linear and fused MoE op) stay
+single opaque calls inside it.
+
+Which steps: one new token per sequence, each sampled, rope attention on the torch path, and a
+per-token routing policy (`threshold`, `token_choice`): those route each token on its own
+(docs/routing.md §4), so the graph needs no group layout and no padding, and its output is the
+eager step's. Steps that mix sequences in routing groups (`ec`, `capped`), prefill chunks, and
+steps that time experts run eagerly. Two graphs serve every batch size: one for a single
+sequence and one with the batch and the block-table width symbolic (2 .. max_batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import types
+
+import torch
+
+from ecserve.config import PER_TOKEN_POLICIES
+from ecserve.engine.decode_graphs import is_decode
+from ecserve.model.attention import LayerKV
+from ecserve.model.decode import decode_forward
+from ecserve.model.transformer import Transformer
+from ecserve.types import MoEStats, StepPlan
+
+log = logging.getLogger(__name__)
+MIN_TABLE = 2  # block tables are padded to at least this width: dynamo specialises a size of 1
+
+
+def _own_code(fn: types.FunctionType) -> types.FunctionType:
+    """fn with a code object of its own: dynamo keeps graphs per code object, and one engine's
+    graphs (guarded on its model and cache) must never be tried for another engine's model in
+    the same process (tests and benchmarks hold several)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                              fn.__defaults__, fn.__closure__)
+
+
+def compile_blocker(model: Transformer) -> str | None:
+    """Why this model's decode steps cannot run compiled (None: they can)."""
+    cfg = model.cfg
+    if model.embed.device.type != "cpu":
+        return "the compiled decode step runs on CPUs (GPUs replay CUDA graphs)"
+    if model.kernels.attention != "torch":
+        return f"attention={model.kernels.attention}"
+    if cfg.position_encoding != "rope":
+        return f"position_encoding={cfg.position_encoding}"
+    if cfg.routing.policy not in PER_TOKEN_POLICIES:
+        return (f"routing policy {cfg.routing.policy!r} mixes sequences in its groups "
+                f"(compiled: {', '.join(PER_TOKEN_POLICIES)})")
+    if any(b.moe is not None and b.moe.experts.name == "expert-parallel" for b in model.layers):
+        return "expert parallelism exchanges rows between processes each step"
+    return None
+
+
+class CompiledDecode:
+    def __init__(self, model: Transformer, kv: list[LayerKV], block_size: int,
+                 max_batch: int, table_width: int) -> None:
+        self.model, self.block_size = model, block_size
+        self.max_batch, self.table_width = max_batch, max(table_width, MIN_TABLE)
+        self.fn = torch.compile(functools.partial(_own_code(decode_forward), model, kv,
+                                                  block_size=block_size), fullgraph=True)
+        self.steps = 0
+
+    def accepts(self, plan: StepPlan) -> bool:
+        return 0 < len(plan.chunks) <= self.max_batch and is_decode(plan)
+
+    def warm_up(self) -> float:
+        """Compile both graphs now (placeholder tokens writing KV slot 0, before any sequence
+        holds a block); returns the seconds it took."""
+        t0 = time.perf_counter()
+        for b in (1, min(2, self.max_batch)):
+            self._call(*self._placeholder(b), mark=True)
+        return time.perf_counter() - t0
+
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor, list[MoEStats]]:
+        """float32 logits [B, V] and the step's MoEStats, as the eager step gives them."""
+        chunks = plan.chunks
+        width = max(MIN_TABLE, max(len(c.block_table) for c in chunks))
+        tables = torch.zeros(len(chunks), width, dtype=torch.long)
+        for s, c in enumerate(chunks):
+            tables[s, :len(c.block_table)] = torch.tensor(c.block_table)
+        pos = [c.start_pos for c in chunks]
+        bs = self.block_size
+        inputs = (torch.tensor([c.token_ids[0] for c in chunks]), torch.tensor(pos),
+                  torch.tensor([c.block_table[p // bs] * bs + p % bs
+                                for c, p in zip(chunks, pos, strict=True)]),
+                  tables, torch.tensor(pos) + 1)
+        logits, raw = self._call(*inputs)
+        self.steps += 1
+        policy = self.model.cfg.routing.policy
+        stats = [MoEStats(layer=layer, policy=policy, group_sizes=plan.group_sizes,
+                          # the dropless width the eager layout has: the busiest expert's
+                          capacity_slots=max(1, int(tokens.max())), tokens_per_expert=tokens,
+                          gate_sum=gate_sum, experts_per_token=hist)
+                 for tokens, gate_sum, hist, layer in raw]
+        return logits, stats
+
+    def _call(self, *inputs: torch.Tensor, mark: bool = False
+              ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]]:
+        if mark:  # compile with the batch (above one) and the table width symbolic
+            b = inputs[0].shape[0]
+            if b > 1:
+                for t in inputs:
+                    torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
+            torch._dynamo.mark_dynamic(inputs[3], 1, min=MIN_TABLE, max=self.table_width)
+        return self.fn(*inputs)
+
+    def _placeholder(self, b: int) -> tuple[torch.Tensor, ...]:
+        zeros = torch.zeros(b, dtype=torch.long)
+        return (zeros, zeros, zeros, torch.zeros(b, MIN_TABLE, dtype=torch.long), zeros + 1)
+
