@@ -1,6 +1,7 @@
 """A decode step against its floor: the bytes the step must read over the machine's read rate.
 
     python bench/bench_decode_floor.py [--json PATH] [--batches 1,8,32] [--dtypes float32,bfloat16]
+        [--paths torch,cpu-ops,compiled]
 
 For each model (the shipped default model, ecserve-code, and the tiny Mixtral of
 bench_vs_transformers.py), dtype and batch B, B sequences (64-token prompts) decode in lock-step
@@ -15,7 +16,11 @@ computed from what that step had to read:
 Read rate: the fastest of timed full reads (sum and matrix-vector) of a float32 buffer the size
 of the model's weights plus its largest live KV, so the floor sees the cache level those bytes
 live in between steps (measured in the same run, after each model's steps, with its threads).
-Prints step time / floor (median over steps) and tokens/s; --json writes the rows and setup.
+Each configuration runs on each decode path, back to back: `torch` (plain PyTorch, operator by
+operator: --kernels torch), `cpu-ops` (ecserve's C++ linear and fused MoE op: --kernels auto)
+and `compiled` (those ops inside one torch.compile'd step: --decode compiled).
+Prints step time / floor (median over steps), tokens/s and each path's speed-up over `torch`
+in the same run; --json writes the rows and setup.
 """
 
 from __future__ import annotations
@@ -51,11 +56,17 @@ from ecserve.model.transformer import Transformer
 PROMPT = 64
 
 
+# decode path -> (EngineConfig.kernels, EngineConfig.decode)
+PATHS = {"torch": ("torch", "eager"), "cpu-ops": ("auto", "eager"),
+         "compiled": ("auto", "compiled")}
+
+
 @dataclass
 class Row:
     model: str
     dtype: str
     batch: int
+    path: str  # PATHS
     step_ms: float  # median pure-decode step
     floor_ms: float  # median of the same steps' floors
     ratio: float  # step / floor
@@ -63,6 +74,7 @@ class Row:
     active_experts: float  # mean experts holding a token, per MoE layer and step
     step_mb: float  # median bytes a step must read
     read_gb_s: float  # the read rate the floor uses
+    speedup: float  # the `torch` path's step time / this path's, same configuration and run
 
 
 def read_rate(nbytes: int, reps: int = 25) -> float:
@@ -116,10 +128,14 @@ class StepBytes:
         return self.fixed + experts + kv + rows, kv, sum(active)
 
 
-def measure(model_dir: Path, label: str, dtype: str, batch: int, steps: int) -> Row:
+def measure(model_dir: Path, label: str, dtype: str, batch: int, steps: int, path: str) -> Row:
+    kernels, decode = PATHS[path]
     engine = Engine(model_dir, EngineConfig(
         device="cpu", dtype=dtype, max_num_seqs=batch, max_model_len=PROMPT + steps + 8,
-        max_num_batched_tokens=lockstep_budget(batch, PROMPT), expert_timing_every=0))
+        max_num_batched_tokens=lockstep_budget(batch, PROMPT), expert_timing_every=0,
+        kernels=kernels, decode=decode))
+    if decode == "compiled" and engine.runner.compiled is None:
+        raise SystemExit(f"{label} {dtype} B={batch}: the compiled step is unavailable")
     counter = StepBytes(engine.runner.model)
     vocab = engine.model_cfg.vocab_size
     prompts = torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
@@ -135,8 +151,8 @@ def measure(model_dir: Path, label: str, dtype: str, batch: int, steps: int) -> 
     step = statistics.median(times)
     floor = statistics.median(floors)
     experts = statistics.mean(a for _, _, a in seen) / moe_layers
-    return Row(label, dtype, batch, step * 1e3, floor * 1e3, step / floor, batch / step,
-               experts, statistics.median(step_bytes) / 2**20, rate / 1e9)
+    return Row(label, dtype, batch, path, step * 1e3, floor * 1e3, step / floor, batch / step,
+               experts, statistics.median(step_bytes) / 2**20, rate / 1e9, 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--models", default="default,tiny-mixtral")
+    ap.add_argument("--paths", default=",".join(PATHS), help="decode paths; `torch` first "
+                    "gives the others their speed-up")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per run")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,21 +170,30 @@ def main(argv: list[str] | None = None) -> int:
         if "tiny-mixtral" in a.models:
             build("mixtral", Path(tmp), **SIZE)
             dirs["tiny-mixtral"] = Path(tmp)
-        rows = [measure(dirs[m], m, dt, b, a.steps)
-                for m in a.models.split(",") for dt in a.dtypes.split(",")
-                for b in map(int, a.batches.split(","))]
+        rows = []
+        for m in a.models.split(","):
+            for dt in a.dtypes.split(","):
+                for b in map(int, a.batches.split(",")):
+                    same = [measure(dirs[m], m, dt, b, a.steps, p) for p in a.paths.split(",")]
+                    base = next((r.step_ms for r in same if r.path == "torch"), None)
+                    for r in same:
+                        r.speedup = base / r.step_ms if base else float("nan")
+                    rows += same
+    import ecserve_kernels.cpu
+
     setup = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "cpu_ops": ecserve_kernels.cpu.load() or "built",
              "python": platform.python_version(), "openmp": openmp_env(),
              "prompt_tokens": PROMPT, "steps": a.steps}
     print(f"{setup['cpu']}, {setup['threads']} threads ({setup['openmp'] or 'OpenMP defaults'}), "
           f"torch {setup['torch']}; "
           f"{PROMPT}-token prompts, median of {a.steps} lock-step decode steps")
-    print(f"{'model':<14}{'dtype':<10}{'B':>4}{'step ms':>10}{'floor ms':>10}{'step/floor':>12}"
-          f"{'tok/s':>9}{'experts':>9}{'MB/step':>9}{'GB/s':>7}")
+    print(f"{'model':<14}{'dtype':<10}{'B':>4} {'path':<10}{'step ms':>9}{'floor ms':>10}"
+          f"{'step/floor':>12}{'tok/s':>8}{'vs torch':>10}{'experts':>9}{'MB/step':>9}{'GB/s':>7}")
     for r in rows:
-        print(f"{r.model:<14}{r.dtype:<10}{r.batch:>4}{r.step_ms:>10.2f}{r.floor_ms:>10.2f}"
-              f"{r.ratio:>12.2f}{r.tokens_per_s:>9.0f}{r.active_experts:>9.2f}{r.step_mb:>9.1f}"
-              f"{r.read_gb_s:>7.1f}")
+        print(f"{r.model:<14}{r.dtype:<10}{r.batch:>4} {r.path:<10}{r.step_ms:>9.2f}"
+              f"{r.floor_ms:>10.2f}{r.ratio:>12.2f}{r.tokens_per_s:>8.0f}{r.speedup:>9.2f}x"
+              f"{r.active_experts:>9.2f}{r.step_mb:>9.1f}{r.read_gb_s:>7.1f}")
     if a.json:
         a.json.write_text(json.dumps({**stamp(__file__, argv), "setup": setup,
                                       "rows": [asdict(r) for r in rows]}, indent=2) + "\n")

@@ -185,13 +185,17 @@ def decode_floor(results: list[Result]) -> list[Section]:
     batches = sorted({r["batch"] for r in rows})
     body = []
     for res in results:
-        groups: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
-        for r in res.data["rows"]:
-            groups.setdefault((r["model"], r["dtype"]), {})[r["batch"]] = r
-        for (model, dtype), by_b in groups.items():
-            body.append([f"{MODELS.get(model, model)}, {dtype}{openmp_label(res)}",
+        groups: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+        for r in res.data["rows"]:  # results from before the decode paths ran plain torch
+            groups.setdefault((r["model"], r["dtype"], r.get("path", "torch")), {})[
+                r["batch"]] = r
+        for (model, dtype, path), by_b in groups.items():
+            speed = [times(by_b[b]["speedup"], 2) for b in batches
+                     if b in by_b and "speedup" in by_b[b]]
+            body.append([f"{MODELS.get(model, model)}, {dtype}, {path}{openmp_label(res)}",
                          *(times(by_b[b]["ratio"], 1) if b in by_b else "" for b in batches),
-                         " / ".join(num(by_b[b]["tokens_per_s"]) for b in batches if b in by_b)])
+                         " / ".join(num(by_b[b]["tokens_per_s"]) for b in batches if b in by_b),
+                         " / ".join(speed)])
     rates = [r["read_gb_s"] for r in rows]
     what = (
         "B sequences decode in lock-step through the engine (the shipped default model, "
@@ -199,10 +203,13 @@ def decode_floor(results: list[Result]) -> list[Section]:
         "pure-decode step is set against the bytes it must read: the experts that held a token "
         "in it, every other weight, the embedding rows it looks up and the live KV cache, over "
         "the best read rate of a buffer the size of the model's weights and KV "
-        f"({min(rates):.0f}-{max(rates):.0f} GB/s measured). Cells: step time / floor (median "
-        "over the timed steps); tok/s = B / median step.")
-    header = ["model, dtype", *(f"B = {b}" for b in batches),
-              "tok/s at " + " / ".join(map(str, batches))]
+        f"({min(rates):.0f}-{max(rates):.0f} GB/s measured). Paths: `torch` (plain PyTorch, "
+        "operator by operator), `cpu-ops` (ecserve's C++ linear and fused MoE op), `compiled` "
+        "(those inside one torch.compile'd step). Cells: step time / floor (median over the "
+        "timed steps); tok/s = B / median step; vs torch = the torch path's step time over "
+        "this path's, same run.")
+    header = ["model, dtype, path", *(f"B = {b}" for b in batches),
+              "tok/s at " + " / ".join(map(str, batches)), "vs torch"]
     return [Section("Decode step against its floor (`bench_decode_floor.py`)", what, results,
                     [table(header, body)])]
 

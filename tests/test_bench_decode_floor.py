@@ -16,9 +16,12 @@ import bench_decode_floor as floor
 def test_rows_and_json(tmp_path: Path) -> None:
     out = tmp_path / "floor.json"
     assert floor.main(["--models", "default", "--dtypes", "float32", "--batches", "2",
-                       "--steps", "3", "--json", str(out)]) == 0
+                       "--steps", "3", "--paths", "torch,cpu-ops", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    (row,) = data["rows"]
+    base, row = data["rows"]
+    assert [r["path"] for r in (base, row)] == ["torch", "cpu-ops"]
+    assert base["speedup"] == 1.0
+    assert row["speedup"] == pytest.approx(base["step_ms"] / row["step_ms"])
     assert (row["model"], row["dtype"], row["batch"]) == ("default", "float32", 2)
     assert row["floor_ms"] > 0 and row["step_ms"] > 0 and row["read_gb_s"] > 0
     assert row["ratio"] == pytest.approx(row["step_ms"] / row["floor_ms"])

@@ -61,7 +61,8 @@ EXPECTED: dict[str, tuple[str, Callable[[Data], bool], Callable[[list[Data]], li
         "bench_vs_transformers", lambda d: True,
         lambda ds: [len(d["wall_s_all_rounds"]) for d in ds]),
     "(`bench_decode_floor.py`)": ("bench_decode_floor", lambda d: True, lambda ds: [
-        len({(i, r["model"], r["dtype"]) for i, d in enumerate(ds) for r in d["rows"]})]),
+        len({(i, r["model"], r["dtype"], r.get("path", "torch"))
+             for i, d in enumerate(ds) for r in d["rows"]})]),
     "(`bench_vs_llama_cpp.py`)": ("bench_vs_llama_cpp", lambda d: True, lambda ds: [
         len({(i, r["workload"]) for i, d in enumerate(ds) for r in d["rows"]})]),
     "(`bench_moe_layer.py`)": (
@@ -149,7 +150,8 @@ def test_every_script_s_json_renders_with_one_row_per_item(fixtures: Path) -> No
 
 def test_the_committed_figures_as_the_readme_formats_them() -> None:
     page = tables.render(RESULTS)
-    assert "| default, float32 | 13.9x | 11.8x | 15.6x | 115 / 607 / 1,192 |" in page
+    assert ("| default, float32, compiled | 5.5x | 8.4x | 10.4x | 300 / 932 / 1,850 | "
+            "2.16x / 2.37x / 1.48x |") in page
     assert ("| 16 parallel | 541 | 609 | 796 | 669 | 0.68 | 0.76 | 16/16 sequences identical |"
             in page)
     assert ("| engine-core process: output tok/s | 92 | 178 | 354 | 539 | 730 | 1,186 | 1,548 |"

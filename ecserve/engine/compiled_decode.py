@@ -16,10 +16,10 @@ sequence and one with the batch and the block-table width symbolic (2 .. max_bat
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import types
+from typing import Any
 
 import torch
 
@@ -32,12 +32,16 @@ from ecserve.types import MoEStats, StepPlan
 
 log = logging.getLogger(__name__)
 MIN_TABLE = 2  # block tables are padded to at least this width: dynamo specialises a size of 1
+# The symbolic sizes' ranges, the same for every engine: inductor's graph cache is shared by all
+# processes, and a graph cached for a narrower range would guard a wider one out.
+MAX_BATCH, MAX_TABLE = 4096, 1 << 20
 
 
 def _own_code(fn: types.FunctionType) -> types.FunctionType:
-    """fn with a code object of its own: dynamo keeps graphs per code object, and one engine's
-    graphs (guarded on its model and cache) must never be tried for another engine's model in
-    the same process (tests and benchmarks hold several)."""
+    """fn with a code object of its own: dynamo keeps graphs per code object (a partial would
+    share torch.compile's wrapper's), and one engine's graphs (guarded on its model and cache)
+    must never be tried for another engine's model in the same process (tests and benchmarks
+    hold several)."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
                               fn.__defaults__, fn.__closure__)
 
@@ -63,9 +67,14 @@ class CompiledDecode:
     def __init__(self, model: Transformer, kv: list[LayerKV], block_size: int,
                  max_batch: int, table_width: int) -> None:
         self.model, self.block_size = model, block_size
-        self.max_batch, self.table_width = max_batch, max(table_width, MIN_TABLE)
-        self.fn = torch.compile(functools.partial(_own_code(decode_forward), model, kv,
-                                                  block_size=block_size), fullgraph=True)
+        if max_batch > MAX_BATCH or table_width > MAX_TABLE:
+            raise ValueError(f"compiled decode: at most {MAX_BATCH} sequences of {MAX_TABLE} "
+                             "blocks")
+        self.max_batch = max_batch
+        def step(*inputs: torch.Tensor) -> Any:
+            return decode_forward(model, kv, *inputs, block_size=block_size)
+
+        self.fn = torch.compile(_own_code(step), fullgraph=True)
         self.steps = 0
 
     def accepts(self, plan: StepPlan) -> bool:
@@ -108,8 +117,8 @@ class CompiledDecode:
             b = inputs[0].shape[0]
             if b > 1:
                 for t in inputs:
-                    torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
-            torch._dynamo.mark_dynamic(inputs[3], 1, min=MIN_TABLE, max=self.table_width)
+                    torch._dynamo.mark_dynamic(t, 0, min=2, max=MAX_BATCH)
+            torch._dynamo.mark_dynamic(inputs[3], 1, min=MIN_TABLE, max=MAX_TABLE)
         return self.fn(*inputs)
 
     def _placeholder(self, b: int) -> tuple[torch.Tensor, ...]:

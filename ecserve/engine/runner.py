@@ -145,9 +145,9 @@ class ModelRunner:
         if blocker is not None:
             return blocker
         assert self.table_width is not None
-        compiled = CompiledDecode(self.model, self.kv, self.block_size, max_batch,
-                                  self.table_width)
         try:
+            compiled = CompiledDecode(self.model, self.kv, self.block_size, max_batch,
+                                      self.table_width)
             seconds = compiled.warm_up()
         except Exception as exc:  # no compiler, an inductor bug: slower, never down
             log.exception("compiling the decode step failed; decode steps run eagerly")
