@@ -60,8 +60,8 @@ def _load() -> str | None:
 
     source = _SOURCE.read_bytes()
     name = "ecserve_cpu_" + hashlib.sha256(source).hexdigest()[:8] + "_" + _cpu_signature()
-    built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-    try:
+    try:  # the build directory is made here: a read-only home fails already
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
         if built.is_file():  # the name carries the source's hash: nothing to rebuild
             torch.ops.load_library(built)
         else:
