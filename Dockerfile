@@ -68,8 +68,10 @@ RUN if ! command -v python3 >/dev/null; then \
 COPY --from=builder /opt/venv /opt/venv
 
 # Serve another model by mounting its directory and setting ECSERVE_MODEL, or with --model.
+# No C++ compiler here: ecserve's CPU ops are not built (docs/deployment.md), plain torch runs.
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    ECSERVE_CPU_OPS=0
 
 LABEL org.opencontainers.image.title="ecserve" \
       org.opencontainers.image.description="gRPC inference server for expert-choice MoE models" \
