@@ -71,6 +71,7 @@ class CompiledDecode:
             raise ValueError(f"compiled decode: at most {MAX_BATCH} sequences of {MAX_TABLE} "
                              "blocks")
         self.max_batch = max_batch
+
         def step(*inputs: torch.Tensor) -> Any:
             return decode_forward(model, kv, *inputs, block_size=block_size)
 
@@ -95,12 +96,11 @@ class CompiledDecode:
         tables = torch.zeros(len(chunks), width, dtype=torch.long)
         for s, c in enumerate(chunks):
             tables[s, :len(c.block_table)] = torch.tensor(c.block_table)
-        pos = [c.start_pos for c in chunks]
         bs = self.block_size
-        inputs = (torch.tensor([c.token_ids[0] for c in chunks]), torch.tensor(pos),
-                  torch.tensor([c.block_table[p // bs] * bs + p % bs
-                                for c, p in zip(chunks, pos, strict=True)]),
-                  tables, torch.tensor(pos) + 1)
+        pos = torch.tensor([c.start_pos for c in chunks])
+        slots = [c.block_table[c.start_pos // bs] * bs + c.start_pos % bs for c in chunks]
+        inputs = (torch.tensor([c.token_ids[0] for c in chunks]), pos, torch.tensor(slots),
+                  tables, pos + 1)
         logits, raw = self._call(*inputs)
         self.steps += 1
         policy = self.model.cfg.routing.policy

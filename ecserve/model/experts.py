@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from ecserve_kernels.cpu import ACTIVATIONS
 
 
 class MoELayer(Protocol):
@@ -104,8 +105,6 @@ class FusedCpuExperts:
 
     def __call__(self, layer: MoELayer, x: torch.Tensor, idx: torch.Tensor,
                  gate: torch.Tensor) -> torch.Tensor:
-        from ecserve_kernels.cpu import ACTIVATIONS
-
         return torch.ops.ecserve.moe_experts(x, idx.contiguous(), gate.float().contiguous(),
                                              layer.w_gate, layer.w_up, layer.w_down,
                                              ACTIVATIONS[layer.activation])

@@ -22,7 +22,3 @@ class Kernels:
     experts: ExpertBackend = field(default_factory=BatchedExperts)
     # The dense projections (attention, dense and shared FFNs, output head).
     linear: Linear = F.linear
-
-    def describe(self) -> str:
-        linear = getattr(self.linear, "__name__", "linear")
-        return f"attention={self.attention} experts={self.experts.name} linear={linear}"
