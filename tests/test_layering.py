@@ -182,6 +182,8 @@ def test_lazy_re_exports_are_imports(tmp_path: Path) -> None:
     ("server", "ecserve.parallel"),  # the server asks the runner, never the EP internals
     ("model/hf", "ecserve.model.weights"),  # both loaders read files through model.checkpoint
     ("model", "ecserve.engine"),  # the model knows nothing of the engine around it
+    ("model", "ecserve.metrics"),
+    ("model", "ecserve.parallel"),  # expert parallelism installs its backend from outside
     ("engine", "ecserve.server"),
     ("engine", "ecserve.parallel"),  # the parallel package wraps the engine, not the reverse
 ])
@@ -191,3 +193,37 @@ def test_no_import_against_the_flow(importer: str, forbidden: str) -> None:
     offenders = [m for m in sorted(graph) if m == prefix or m.startswith(prefix + ".")
                  if any(d == forbidden or d.startswith(forbidden + ".") for d in graph[m])]
     assert not offenders, f"{', '.join(offenders)} import {forbidden}"
+
+
+def policy_name_comparisons(path: Path, names: set[str]) -> list[int]:
+    """Lines of `cfg.policy == "capped"`, `policy in ("ec", ...)` and the like: a policy (an
+    expression naming one) compared with a routing policy's name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = (node.left, *node.comparators)
+        named = [s for s in sides if any(
+            isinstance(c, ast.Constant) and c.value in names
+            for c in (s.elts if isinstance(s, (ast.Tuple, ast.List, ast.Set)) else [s]))]
+        if named and any("policy" in ast.unparse(s) for s in sides if s not in named):
+            found.append(node.lineno)
+    return found
+
+
+def test_only_the_routing_package_and_the_config_compare_policy_names() -> None:
+    """Everything else asks the policy object (ecserve/routing/policies.py)."""
+    from ecserve.config import POLICIES
+
+    allowed = (PACKAGE / "routing", PACKAGE / "config")
+    offenders = [f"{path.relative_to(ROOT)}:{line}" for path in sorted(PACKAGE.rglob("*.py"))
+                 if not any(path.is_relative_to(a) for a in allowed)
+                 for line in policy_name_comparisons(path, set(POLICIES))]
+    assert not offenders, "compare the policy's properties instead: " + ", ".join(offenders)
+
+
+def test_the_policy_name_check_finds_comparisons_not_values(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text('name = "ec"\nif cfg.policy == "capped" or policy in ("ec", "x"):\n    pass\n'
+                 'RoutingConfig(policy="capped")\nif preset == "ec":\n    pass\n')
+    assert policy_name_comparisons(f, {"ec", "capped"}) == [2, 2]

@@ -16,7 +16,7 @@ from reference_routing import (
     ref_token_choice,
 )
 
-from ecserve.config import POLICIES, RoutingConfig
+from ecserve.config import PER_TOKEN_POLICIES, POLICIES, RoutingConfig
 from ecserve.routing import (
     ROUTING_POLICIES,
     Routing,
@@ -292,8 +292,8 @@ def test_route_computes_capacity_and_total_exactly() -> None:
 
 
 def test_registry_covers_config_policies() -> None:
-    # threshold also needs the model's thresholds: MoELayer routes it (threshold_choice).
-    assert set(POLICIES) - {"threshold"} <= set(ROUTING_POLICIES)
+    assert set(POLICIES) == set(ROUTING_POLICIES)
+    assert {p.name for p in ROUTING_POLICIES.values() if p.per_token} == set(PER_TOKEN_POLICIES)
 
 
 @pytest.mark.parametrize("policy,message", [("threshold", "calibrated thresholds"),

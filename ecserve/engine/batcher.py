@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from ecserve.config import PER_TOKEN_POLICIES, EngineConfig, RoutingConfig
+from ecserve.config import EngineConfig, RoutingConfig
 from ecserve.engine.grouping import batch_group_sizes, sequence_group_sizes
 from ecserve.engine.kv_cache import BlockManager
 from ecserve.engine.limits import QueueFullError, RequestLimits
 from ecserve.engine.sequence import SeqStatus, Sequence
+from ecserve.routing import policy_for
 from ecserve.types import ScheduledChunk, StepPlan
 
 __all__ = ["Batcher", "QueueFullError"]
@@ -26,7 +27,8 @@ class Batcher:
         self.limits = limits
         self.group_size = routing.group_size
         # token_choice and threshold route every token on its own: any cut fills every slot.
-        self.unit = 1 if routing.policy in PER_TOKEN_POLICIES else routing.group_unit(num_experts)
+        per_token = policy_for(routing.policy).per_token
+        self.unit = 1 if per_token else routing.group_unit(num_experts)
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.waiting_tokens = 0  # prompt tokens of the waiting requests

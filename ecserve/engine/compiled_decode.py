@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from ecserve.config import PER_TOKEN_POLICIES
 from ecserve.engine.decode_graphs import is_decode
 from ecserve.model.attention import LayerKV
 from ecserve.model.decode import decode_forward
 from ecserve.model.transformer import Transformer
+from ecserve.routing import ROUTING_POLICIES, policy_for
 from ecserve.types import MoEStats, StepPlan
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,10 @@ def compile_blocker(model: Transformer) -> str | None:
         return f"attention={model.kernels.attention}"
     if cfg.position_encoding != "rope":
         return f"position_encoding={cfg.position_encoding}"
-    if cfg.routing.policy not in PER_TOKEN_POLICIES:
+    if not policy_for(cfg.routing.policy).per_token:
+        per_token = [p.name for p in ROUTING_POLICIES.values() if p.per_token]
         return (f"routing policy {cfg.routing.policy!r} mixes sequences in its groups "
-                f"(compiled: {', '.join(PER_TOKEN_POLICIES)})")
+                f"(compiled: {', '.join(per_token)})")
     if any(b.moe is not None and b.moe.experts.name == "expert-parallel" for b in model.layers):
         return "expert parallelism exchanges rows between processes each step"
     return None

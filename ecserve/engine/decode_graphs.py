@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from ecserve.config import PER_TOKEN_POLICIES
 from ecserve.model.attention import LayerKV
 from ecserve.model.batch import ForwardBatch
 from ecserve.model.transformer import Transformer
+from ecserve.routing import policy_for
 from ecserve.types import MoEStats, ScheduledChunk, StepPlan
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,9 @@ def graph_blocker(model: Transformer, kernels: str) -> str | None:
             continue
         if moe.experts.graph_blocker is not None:
             return f"the {moe.experts.name} experts: {moe.experts.graph_blocker}"
-        r = moe.routing
-        if r.policy == "capped" and r.experts_per_token_cap(cfg.num_experts) < cfg.num_experts:
-            return "capped routing with max_experts_per_token < num_experts decides in rounds"
+        blocker = moe.policy.static_blocker(moe.routing, cfg.num_experts)
+        if blocker is not None:
+            return blocker
     return None
 
 
@@ -171,7 +171,7 @@ def _settled(st: MoEStats) -> MoEStats:
     the buffers), and token_choice's capacity as the dropless width the eager layout has (the
     busiest expert's tokens; threshold's too), not the static layout's n."""
     tokens = st.tokens_per_expert.clone()
-    slots = max(1, int(tokens.max())) if st.policy in PER_TOKEN_POLICIES else st.capacity_slots
+    slots = max(1, int(tokens.max())) if policy_for(st.policy).per_token else st.capacity_slots
     return dataclasses.replace(st, tokens_per_expert=tokens, gate_sum=st.gate_sum.clone(),
                                experts_per_token=st.experts_per_token.clone(),
                                capacity_slots=slots)

@@ -97,7 +97,8 @@ class Engine:
                               else "cuda" if torch.cuda.is_available() else "cpu")
         self.device, self.dtype_name = device, resolved.dtype
         model = load_model(self.model_dir, mc, device, TORCH_DTYPES[self.dtype_name],
-                           experts=experts, kernels=model_kernels(cfg.kernels, device))
+                           experts=experts,
+                           kernels=model_kernels(cfg.kernels, device, cfg.expert_timing_every > 0))
         num_blocks = self._num_kv_blocks(model, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.runner = ModelRunner(model, num_blocks, cfg.block_size,

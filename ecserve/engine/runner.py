@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any, Literal
@@ -12,6 +13,7 @@ import torch
 from ecserve.config import ConfigError
 from ecserve.engine.compiled_decode import CompiledDecode, compile_blocker
 from ecserve.engine.decode_graphs import DecodeGraphs, graph_blocker
+from ecserve.engine.expert_timing import TimedExperts, armed, timers
 from ecserve.model.attention import LayerKV
 from ecserve.model.batch import ForwardBatch
 from ecserve.model.experts import (
@@ -72,10 +74,18 @@ def resolve_kernels(choice: str, device: torch.device) -> Literal["torch", "trit
     return "torch"
 
 
-def model_kernels(choice: str, device: torch.device) -> Kernels:
+def model_kernels(choice: str, device: torch.device, time_experts: bool = False) -> Kernels:
     """The operators a model built for `device` runs (EngineConfig.kernels): Triton's on a GPU
     that has them; on a CPU under `auto`, ecserve's C++ ops (built on first use) or, where they
-    cannot be built, plain torch, saying why once in the log."""
+    cannot be built, plain torch, saying why once in the log. time_experts: the experts can
+    also be timed one by one (TimedExperts), on the steps `execute` is asked to."""
+    kernels = _kernels(choice, device)
+    if time_experts:
+        return dataclasses.replace(kernels, experts=TimedExperts(kernels.experts))
+    return kernels
+
+
+def _kernels(choice: str, device: torch.device) -> Kernels:
     attention = resolve_kernels(choice, device)
     if attention == "triton":
         return Kernels("triton", TritonExperts())
@@ -170,7 +180,8 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, list[MoEStats]]:
         """Run the plan; returns float32 logits [M, V] for its sampling chunks, in plan order.
 
-        With `time_experts`, each MoE layer also times every expert's work alone (metrics)."""
+        With `time_experts`, each MoE layer built with a TimedExperts backend also times every
+        expert's work alone (metrics)."""
         with self.on_device():
             graphs = self.decode_graphs
             self.last_step_graphed = False
@@ -189,9 +200,13 @@ class ModelRunner:
                                   "eagerly from now on")
                     self.compiled = None
             batch = ForwardBatch.from_plan(plan, self.model.cfg, self.block_size, self.device,
-                                           time_experts, self.table_width,
-                                           paged_decode=self.paged_decode)
-            logits, stats = self.model(batch, self.kv)
+                                           self.table_width, paged_decode=self.paged_decode)
+            held = timers(self.model) if time_experts else {}
+            with armed(held):
+                logits, stats = self.model(batch, self.kv)
+            if held:
+                stats = [dataclasses.replace(s, expert_seconds=held[s.layer].take())
+                         if s.layer in held else s for s in stats]
             return logits.cpu(), stats
 
     def held_experts(self) -> int:

@@ -50,7 +50,6 @@ class ForwardBatch:
     # int64 [M]: tokens whose next-token logits are needed: each sampling run's last token, in
     # plan order, then the prompt tokens scored (ScheduledChunk.score_prompt), in plan order
     logits_index: torch.Tensor
-    time_experts: bool = False  # also time each expert's work alone (sampled expert metrics)
     # No shape may follow the data (a CUDA graph holds the step): attention only through the
     # paged kernel, and token_choice's dropless layout at its widest (every group's n slots).
     static_shapes: bool = False
@@ -62,8 +61,8 @@ class ForwardBatch:
     @staticmethod
     def from_plan(
         plan: StepPlan, cfg: ModelConfig, block_size: int, device: torch.device,
-        time_experts: bool = False, table_width: int | None = None,
-        static_shapes: bool = False, paged_decode: bool = False,
+        table_width: int | None = None, static_shapes: bool = False,
+        paged_decode: bool = False,
     ) -> ForwardBatch:
         """table_width: pad block tables to this many blocks (None: the longest table), so the
         paged kernel sees the same shapes whatever the contexts; static_shapes: see the field;
@@ -113,7 +112,6 @@ class ForwardBatch:
             rope=rope,
             group_bounds=tuple(bounds),
             logits_index=logits_index.to(device),
-            time_experts=time_experts,
             static_shapes=static_shapes,
         )
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import time
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +12,7 @@ from torch import nn
 from ecserve.config import ModelConfig
 from ecserve.model.kernels import Kernels
 from ecserve.model.layers import GLUFeedForward, activation_fn
-from ecserve.routing import expert_choice_groups, route, threshold_choice, token_choice
+from ecserve.routing import policy_for
 from ecserve.types import MoEStats
 
 
@@ -25,6 +23,7 @@ class MoELayer(nn.Module):
         e, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size
         self.layer = layer
         self.routing = cfg.routing
+        self.policy = policy_for(cfg.routing.policy)  # fixed with the model (routing/policies.py)
         self.router = nn.Parameter(torch.empty(e, d))
         self.router_bias = nn.Parameter(torch.empty(e)) if cfg.router_bias else None
         # Experts stacked on a leading E axis, so all of them run as one batched GEMM.
@@ -65,44 +64,16 @@ class MoELayer(nn.Module):
         positions (-1: empty slot) and gate [E, K] float32, every group's slots side by side.
         static_shapes: K never follows the data (per-token policies take their widest layout,
         K = N). The gates keep their autograd history."""
-        cfg = self.routing
-        e = scores.shape[1]
-        # Per-token policies ignore the grouping: route the whole step at once (one dropless
-        # layout, less padding than one per group).
-        if cfg.policy == "token_choice":
-            return token_choice(scores, cfg.top_k, cfg.renormalize, static_shapes)
-        if cfg.policy == "threshold":
-            if self.threshold is None:
-                raise ValueError(f"layer {self.layer}: threshold routing needs the checkpoint's "
-                                 f"calibrated thresholds (layers.{self.layer}.moe.threshold)")
-            return threshold_choice(scores, self.threshold, cfg.experts_per_token_cap(e),
-                                    static_shapes)
-        sizes = {b - a for a, b in itertools.pairwise(group_bounds)}
-        if cfg.policy == "ec" and len(sizes) == 1:
-            # Equal groups (training steps, full decode steps): all of them in one sort.
-            (n,), g, start = sizes, len(group_bounds) - 1, group_bounds[0]
-            idx, gate = expert_choice_groups(scores[start:start + g * n].view(g, n, e),
-                                             cfg.capacity(n, e))  # [G, E, k]
-            idx = idx + (start + n * torch.arange(g, device=idx.device))[:, None, None]
-            return idx.transpose(0, 1).reshape(e, -1), gate.transpose(0, 1).reshape(e, -1)
-        idx_parts, gate_parts = [], []
-        for start, end in itertools.pairwise(group_bounds):
-            r = route(scores[start:end], cfg)
-            idx_parts.append(torch.where(r.idx >= 0, r.idx + start, -1))  # [E, k_g] step-wide
-            gate_parts.append(r.gate)
-        return torch.cat(idx_parts, dim=1), torch.cat(gate_parts, dim=1)
+        return self.policy.route_step(scores, group_bounds, self.routing, self.threshold,
+                                      static_shapes)
 
     def forward(
-        self, x: torch.Tensor, group_bounds: Sequence[int], time_experts: bool = False,
-        static_shapes: bool = False,
+        self, x: torch.Tensor, group_bounds: Sequence[int], static_shapes: bool = False,
     ) -> tuple[torch.Tensor, MoEStats]:
         # x: [N, d]; routing groups are the contiguous token ranges [b[i], b[i+1]).
         idx, gate = self.route(x, group_bounds, static_shapes)  # [E, K] each
         y = self.apply_experts(x, idx, gate)  # [N, d]
-        stats = self._stats(idx, gate, x.shape[0], group_bounds)
-        if time_experts:
-            stats = dataclasses.replace(stats, expert_seconds=self.time_experts(x, idx))
-        return y, stats
+        return y, self._stats(idx, gate, x.shape[0], group_bounds)
 
     def apply_experts(self, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor
                       ) -> torch.Tensor:
@@ -125,32 +96,6 @@ class MoELayer(nn.Module):
         linear = self.linear
         h = self.act(linear(rows, self.w_gate[e], None)) * linear(rows, self.w_up[e], None)
         return linear(h, self.w_down[e], None)  # [k, f] -> [k, d]
-
-    @torch.no_grad()
-    def time_experts(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """float64 [E]: seconds each expert's GLU takes on its step's tokens, run alone.
-
-        A measurement pass beside the real (batched) computation, whose result it discards:
-        the served output never depends on whether a step was timed. On CUDA it is timed
-        with events, elsewhere with a wall clock.
-        """
-        cuda = x.device.type == "cuda"
-        out = torch.zeros(idx.shape[0], dtype=torch.float64)
-        for e in range(idx.shape[0]):
-            xs = x[idx[e][idx[e] >= 0]]  # [k_e, d]
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                start.record()
-            t0 = time.perf_counter()
-            self.expert_glu(e, xs)
-            if cuda:
-                end.record()
-                end.synchronize()
-                out[e] = start.elapsed_time(end) / 1e3
-            else:
-                out[e] = time.perf_counter() - t0
-        return out
 
     def _stats(
         self, idx: torch.Tensor, gate: torch.Tensor, n: int, group_bounds: Sequence[int]

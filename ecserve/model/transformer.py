@@ -28,13 +28,12 @@ class Block(nn.Module):
         )
 
     def feed_forward(
-        self, h: torch.Tensor, group_bounds: tuple[int, ...], time_experts: bool = False,
-        static_shapes: bool = False,
+        self, h: torch.Tensor, group_bounds: tuple[int, ...], static_shapes: bool = False,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """The block's second half on the residual stream h [N, d]."""
         x = self.ffn_norm(h)
         if self.moe is not None:
-            y, stats = self.moe(x, group_bounds, time_experts, static_shapes)
+            y, stats = self.moe(x, group_bounds, static_shapes)
             return h + y, stats
         assert self.ffn is not None
         return h + self.ffn(x), None
@@ -43,7 +42,7 @@ class Block(nn.Module):
         self, x: torch.Tensor, batch: ForwardBatch, kv: LayerKV
     ) -> tuple[torch.Tensor, MoEStats | None]:
         h = x + self.attn(self.attn_norm(x), batch, kv)
-        return self.feed_forward(h, batch.group_bounds, batch.time_experts, batch.static_shapes)
+        return self.feed_forward(h, batch.group_bounds, batch.static_shapes)
 
 
 class Transformer(nn.Module):

@@ -27,6 +27,7 @@ from ecserve.model.checkpoint import (
 from ecserve.model.kernels import Kernels
 from ecserve.model.transformer import Transformer
 from ecserve.readable import check_readable
+from ecserve.routing import policy_for
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # MoELayer's stacked expert tensors [E, ...]
@@ -92,9 +93,9 @@ def threshold_problems(cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> l
     names = threshold_tensors(cfg)
     present = sorted(n for n in names if n in state)
     if not present:
-        if cfg.routing.policy != "threshold":
+        if not policy_for(cfg.routing.policy).layer_tensors:
             return []
-        return [f"routing.policy 'threshold' needs the calibrated per-expert thresholds "
+        return [f"routing.policy {cfg.routing.policy!r} needs the calibrated per-expert thresholds "
                 f"{', '.join(names)} (written by `ecserve train`), which this checkpoint has not"]
     if len(present) != len(names):
         return [f"thresholds for some MoE layers only: has {', '.join(present)}, needs "

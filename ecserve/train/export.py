@@ -22,6 +22,7 @@ import torch
 from ecserve.config import ModelConfig
 from ecserve.model.transformer import Transformer
 from ecserve.model.weights import load_model, read_config, save_model
+from ecserve.routing import policy_for
 from ecserve.train import bpe
 from ecserve.train.corpus import CorpusManifest
 from ecserve.train.data import TrainBatches
@@ -94,7 +95,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     experts = sum(p.numel() for n, p in model.named_parameters()
                   if n.rsplit(".", 1)[-1] in ("w_gate", "w_up", "w_down") and ".moe." in n)
     r = cfg.routing
-    per_token = r.top_k if r.policy == "token_choice" else r.capacity_factor
+    per_token = policy_for(r.policy).experts_per_token(r)
     active = total - experts + round(experts * per_token / cfg.num_experts)
     return {"total": total, "active_per_token": active, "embedding": cfg.vocab_size *
             cfg.hidden_size}

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ecserve.errors import ConfigError
 from ecserve.model.layers import rope_cos_sin
 from ecserve.model.transformer import Transformer
+from ecserve.routing import RoutingPolicy
 
 
 @dataclass
@@ -76,31 +77,24 @@ def forward(model: Transformer, ids: torch.Tensor, group_size: int) -> ForwardOu
         scores = moe.scores(xn)  # [N, E] float32
         idx, gate = moe.route_scores(scores, bounds)  # [E, K]
         x = h + moe.apply_experts(xn, idx, gate)
-        record, layer_aux = _routing_record(moe.routing.policy, scores, idx, gate,
+        record, layer_aux = _routing_record(moe.policy, scores, idx, gate,
                                             len(bounds) - 1)
         records.append(record)
         aux = aux + layer_aux
     return ForwardOut(model.logits(x), aux, records)
 
 
-def _routing_record(policy: str, scores: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor,
-                    groups: int) -> tuple[RoutingRecord, torch.Tensor]:
-    n, e = scores.shape
+def _routing_record(policy: RoutingPolicy, scores: torch.Tensor, idx: torch.Tensor,
+                    gate: torch.Tensor, groups: int) -> tuple[RoutingRecord, torch.Tensor]:
+    n = scores.shape[0]
     valid = idx >= 0
     per_expert = valid.sum(1)  # [E]
     per_token = torch.zeros(n + 1, dtype=torch.long, device=idx.device).scatter_add_(
         0, torch.where(valid, idx, n).flatten(), torch.ones(idx.numel(), dtype=torch.long,
                                                             device=idx.device))[:n]
     dropped = (per_token == 0).sum()
-    aux = scores.new_zeros(())
-    kth = None
-    if policy == "ec":
-        # Slots are by descending gate within each group: the last is the k-th largest score.
-        kth = gate.detach().view(e, groups, -1)[:, :, -1].mean(1)
-    elif policy == "token_choice":
-        # Switch/GShard balance loss: E * sum_e (share of routed slots) * (mean probability).
-        share = per_expert.float() / per_expert.sum()
-        aux = e * (share * scores.mean(0)).sum()
+    kth = policy.kth_score(gate, groups)
+    aux = policy.balance_loss(scores, per_expert)
     return RoutingRecord(kth, per_expert.detach(), dropped, n), aux
 
 

@@ -1,6 +1,7 @@
-"""Routing policies: which tokens of one routing group each expert processes (docs/routing.md §3-4).
+"""The selection rules: which tokens of one routing group each expert processes
+(docs/routing.md §3-4). The policies that use them: ecserve/routing/policies.py.
 
-Every policy returns the expert-centric layout: idx[E, k] (token position in the group, -1 for an
+Every rule returns the expert-centric layout: idx[E, k] (token position in the group, -1 for an
 empty slot) and gate[E, k] (float32, 0 for an empty slot), slots by descending gate, ties to the
 lower token index. Ties resolve to the lower token index, then the lower expert index, everywhere:
 torch.topk has no tie order, so every selection uses a stable descending sort instead.
@@ -9,12 +10,9 @@ torch.topk has no tie order, so every selection uses a stable descending sort in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from ecserve.config import RoutingConfig, exact_fraction
 
 
 @dataclass(frozen=True)
@@ -202,49 +200,3 @@ def _dropless(
     # (at least one slot, so no expert has an empty layout)
     width = chosen.shape[0] if static_width else max(1, int(chosen.sum(0).max()))
     return _pack(tok[:, :width], gate[:, :width], chosen.t().gather(1, tok[:, :width]), width)
-
-
-PolicyFn = Callable[[torch.Tensor, RoutingConfig], Routing]
-# Policy name -> router, for the policies a RoutingConfig alone defines (`threshold` also needs
-# the model's calibrated thresholds: MoELayer calls threshold_choice).
-ROUTING_POLICIES: dict[str, PolicyFn] = {}
-
-
-def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
-    def deco(fn: PolicyFn) -> PolicyFn:
-        ROUTING_POLICIES[name] = fn
-        return fn
-
-    return deco
-
-
-@register_policy("ec")
-def _route_ec(scores: torch.Tensor, cfg: RoutingConfig) -> Routing:
-    n, num_experts = _check_scores(scores)
-    return Routing(*expert_choice(scores, cfg.capacity(n, num_experts)))
-
-
-@register_policy("capped")
-def _route_capped(scores: torch.Tensor, cfg: RoutingConfig) -> Routing:
-    n, num_experts = _check_scores(scores)
-    # ceil(n * c) on the exact decimal c, so e.g. n=10, c=0.7 gives 7, not float's 8.
-    total = math.ceil(n * exact_fraction(cfg.capacity_factor))
-    return Routing(*capped_choice(scores, cfg.capacity(n, num_experts),
-                                  cfg.experts_per_token_cap(num_experts), total))
-
-
-@register_policy("token_choice")
-def _route_token_choice(scores: torch.Tensor, cfg: RoutingConfig) -> Routing:
-    return Routing(*token_choice(scores, cfg.top_k, cfg.renormalize))
-
-
-def route(scores: torch.Tensor, cfg: RoutingConfig) -> Routing:
-    """Route one group's float32 router probabilities [n, E] with cfg's policy."""
-    fn = ROUTING_POLICIES.get(cfg.policy)
-    if cfg.policy == "threshold":
-        raise ValueError("threshold routing needs the model's calibrated thresholds: "
-                         "use threshold_choice")
-    if fn is None:
-        raise ValueError(f"unknown routing policy {cfg.policy!r}; implemented: "
-                         f"{', '.join(sorted(ROUTING_POLICIES))}")
-    return fn(scores, cfg)
