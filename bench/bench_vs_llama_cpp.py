@@ -2,6 +2,7 @@
 
     pip install -e '.[peer]'    # llama-cpp-python (builds from source, ~7 min here) and gguf
     python bench/bench_vs_llama_cpp.py [--json PATH] [--rounds 5] [--new-tokens 128]
+        [--decode eager|compiled] [--kernels auto|torch]
 
 The tiny Mixtral of bench_vs_transformers.py (width 512, 4 layers, 8 experts of width 1024,
 top-2) is saved once by transformers, served by ecserve from that directory, and written as
@@ -138,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the rows, ratios and setup here")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--decode", choices=("eager", "compiled"), default="eager",
+                    help="ecserve's decode path (EngineConfig.decode)")
+    ap.add_argument("--kernels", choices=("auto", "torch"), default="auto",
+                    help="ecserve's operators (EngineConfig.kernels)")
     a = ap.parse_args(argv)
     threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         n_max = max(WORKLOADS.values())
         ours = {dt: LLM(model_dir, EngineConfig(
                     device="cpu", dtype=dt, max_num_seqs=n_max, max_model_len=ctx,
-                    max_num_batched_tokens=max(512, n_max * PROMPT), expert_timing_every=0))
+                    max_num_batched_tokens=max(512, n_max * PROMPT), expert_timing_every=0,
+                    decode=a.decode, kernels=a.kernels))
                 for dt in ("float32", "bfloat16")}
         theirs = {"F32 (F32 KV, no flash attention)": LlamaCpp(ggufs["F32"], n_max, ctx, threads,
                                                                 kv_f32=True, flash=False),
@@ -190,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         ratios[w] = {"same_precision": same, "each_fastest": best_ours / best_theirs}
     setup = {"cpu": cpu_name(), "threads": threads, "torch": torch.__version__,
              "llama_cpp_python": llama_cpp_version(), "python": platform.python_version(),
-             "openmp": openmp_env(),
+             "openmp": openmp_env(), "decode": a.decode, "kernels": a.kernels,
              "prompt_tokens": PROMPT, "new_tokens": a.new_tokens, "rounds": a.rounds,
              "model": SIZE}
     print(f"{setup['cpu']}, {threads} threads ({setup['openmp'] or 'OpenMP defaults'}), "
-          f"torch {setup['torch']}, llama-cpp-python "
+          f"ecserve --decode {a.decode} --kernels {a.kernels}, torch {setup['torch']}, "
+          "llama-cpp-python "
           f"{setup['llama_cpp_python']}; {PROMPT}-token prompts, {a.new_tokens} new tokens, "
           f"greedy, median of {a.rounds} rounds")
     print(f"{'workload':<13}{'engine':<11}{'precision':<36}{'tok/s':>8}")

@@ -227,7 +227,12 @@ def vs_llama_cpp(results: list[Result]) -> list[Section]:
                  for r in res.data["rows"]}
         for w in dict.fromkeys(r["workload"] for r in res.data["rows"]):
             ratio = res.data["ratios"][w]
-            body.append([f"{w}{openmp_label(res)}",
+            setup = res.data.get("setup", {})
+            # runs from before --decode/--kernels existed ran eager plain torch
+            path = (f", ecserve {setup['decode']}" + (" (plain torch)" if setup.get("kernels")
+                                                        == "torch" else "")
+                    if "decode" in setup else "")
+            body.append([f"{w}{path}{openmp_label(res)}",
                          *(num(speed[(w, *c)]) if (w, *c) in speed else "" for c in columns),
                          f"{ratio['same_precision']:.2f}", f"{ratio['each_fastest']:.2f}",
                          res.data.get("agreement", {}).get(w, "")])
