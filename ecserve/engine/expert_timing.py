@@ -18,24 +18,25 @@ from ecserve.model.transformer import Transformer
 
 
 class TimedExperts:
-    """`inner`, plus a measurement pass on armed steps (seconds kept until `take`)."""
+    """`inner`, plus a measurement pass on armed steps. One backend serves every MoE layer of
+    a model, so the seconds are kept per layer, until `take`."""
 
     def __init__(self, inner: ExpertBackend) -> None:
         self.inner = inner
         self.name = inner.name
         self.graph_blocker = inner.graph_blocker
         self.armed = False
-        self.seconds: torch.Tensor | None = None
+        self.seconds: dict[int, torch.Tensor] = {}  # MoE layer index -> float64 [E]
 
     def __call__(self, layer: MoELayer, x: torch.Tensor, idx: torch.Tensor,
                  gate: torch.Tensor) -> torch.Tensor:
         y = self.inner(layer, x, idx, gate)
         if self.armed:
-            self.seconds = time_each_expert(layer, x, idx)
+            self.seconds[layer.layer] = time_each_expert(layer, x, idx)
         return y
 
-    def take(self) -> torch.Tensor | None:
-        seconds, self.seconds = self.seconds, None
+    def take(self) -> dict[int, torch.Tensor]:
+        seconds, self.seconds = self.seconds, {}
         return seconds
 
 
@@ -62,19 +63,20 @@ def time_each_expert(layer: MoELayer, x: torch.Tensor, idx: torch.Tensor) -> tor
     return out
 
 
-def timers(model: Transformer) -> dict[int, TimedExperts]:
-    """MoE layer index -> its timing wrapper (empty when the model was built without)."""
-    return {b.moe.layer: b.moe.experts for b in model.layers
-            if b.moe is not None and isinstance(b.moe.experts, TimedExperts)}
+def timers(model: Transformer) -> list[TimedExperts]:
+    """The model's timing wrappers, each once (none when the model was built without)."""
+    found = {id(b.moe.experts): b.moe.experts for b in model.layers
+             if b.moe is not None and isinstance(b.moe.experts, TimedExperts)}
+    return list(found.values())
 
 
 @contextlib.contextmanager
-def armed(held: dict[int, TimedExperts]) -> Iterator[None]:
+def armed(held: list[TimedExperts]) -> Iterator[None]:
     """Time every expert in the steps run inside."""
-    for t in held.values():
+    for t in held:
         t.armed = True
     try:
         yield
     finally:
-        for t in held.values():
+        for t in held:
             t.armed = False

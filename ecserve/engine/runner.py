@@ -201,12 +201,13 @@ class ModelRunner:
                     self.compiled = None
             batch = ForwardBatch.from_plan(plan, self.model.cfg, self.block_size, self.device,
                                            self.table_width, paged_decode=self.paged_decode)
-            held = timers(self.model) if time_experts else {}
+            held = timers(self.model) if time_experts else []
             with armed(held):
                 logits, stats = self.model(batch, self.kv)
-            if held:
-                stats = [dataclasses.replace(s, expert_seconds=held[s.layer].take())
-                         if s.layer in held else s for s in stats]
+            seconds = {layer: t for timer in held for layer, t in timer.take().items()}
+            if seconds:
+                stats = [dataclasses.replace(s, expert_seconds=seconds.get(s.layer))
+                         for s in stats]
             return logits.cpu(), stats
 
     def held_experts(self) -> int:

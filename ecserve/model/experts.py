@@ -25,6 +25,7 @@ from ecserve_kernels.cpu import ACTIVATIONS
 class MoELayer(Protocol):
     """What a backend reads of ecserve.model.moe.MoELayer."""
 
+    layer: int  # the block index
     w_gate: torch.Tensor  # [E, F, d]
     w_up: torch.Tensor  # [E, F, d]
     w_down: torch.Tensor  # [E, d, F]
