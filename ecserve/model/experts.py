@@ -127,9 +127,11 @@ class TritonExperts:
 
 def small_batch_linear(x: torch.Tensor, w: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear through torch.ops.ecserve.linear, which reads w at the memory's rate for
-    float32 rows of up to 8 tokens, where BLAS's matrix-vector path reads it at a quarter
-    (bench/bench_decode_floor.py); it hands larger or bf16 products to at::linear itself."""
+    """F.linear through torch.ops.ecserve.linear, which reads w at the memory's rate at decode
+    sizes (float32 rows of up to 8 tokens, or products up to 2^22 multiply-adds in float32 and,
+    with AVX512-BF16, bf16), where BLAS pays a fixed ~100 us per call and its matrix-vector path
+    reads w at a quarter of the rate (bench/bench_decode_floor.py); it hands larger products
+    to at::linear itself."""
     if x.dim() == 2 and x.device.type == "cpu":
         return torch.ops.ecserve.linear(x, w, bias)
     return F.linear(x, w, bias)

@@ -224,8 +224,10 @@ def chunked_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def cpu_linear_reference(x: torch.Tensor, w: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """torch.ops.ecserve.linear's twin: x [M, K] @ w [O, K].T (+ bias) in x's dtype; past 8
-    rows, or in bf16, the op is F.linear."""
-    if x.shape[0] > 8 or x.dtype != torch.float32:
+    rows and 2^22 multiply-adds the op is F.linear. In bf16 the twin is F.linear, which the
+    op matches within bf16 tolerance (AVX512-BF16 rounds in the hardware's order)."""
+    m, (o, k) = x.shape[0], w.shape
+    if (m > 8 and m * o * k > 1 << 22) or x.dtype != torch.float32:
         return F.linear(x, w, bias)
     y = chunked_dot(x, w)
     if bias is not None:
@@ -238,7 +240,9 @@ def moe_experts_reference(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor
                           activation: str) -> torch.Tensor:
     """torch.ops.ecserve.moe_experts' twin: y [N, d] float32, the sum over filled slots
     (idx [E, K] >= 0) of gate * GLU_e(x[token]), each token's terms in ascending expert
-    order; the hidden activations stay float32."""
+    order. The hidden activations stay float32, rounded to bf16 before the down projection
+    where the weights are bf16. Bit for bit in float32; with bf16 weights on AVX512-BF16 the op
+    sums in the hardware's order, so within bf16 tolerance."""
     y = torch.zeros(x.shape[0], x.shape[1])
     for e in range(idx.shape[0]):
         filled = idx[e] >= 0
@@ -247,5 +251,7 @@ def moe_experts_reference(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor
             continue
         xs = x[tok]
         h = glu_act(chunked_dot(xs, w_gate[e]), activation) * chunked_dot(xs, w_up[e])
+        if w_down.dtype == torch.bfloat16:
+            h = h.bfloat16()
         y.index_add_(0, tok, chunked_dot(h, w_down[e]) * gate[e][filled][:, None])
     return y

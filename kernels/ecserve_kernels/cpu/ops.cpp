@@ -9,13 +9,26 @@
 //   then the lanes folded in halves: 8 = 0..7 + 8..15, 4, 2, 1.
 // Built with -ffp-contract=off so the compiler keeps that order; vector extensions make it
 // AVX-512 where the CPU has it and narrower vectors elsewhere, with the same lanes.
+//
+// bfloat16 inputs on a CPU with AVX512-BF16 take the dot product instruction instead
+// (vdpbf16ps: 32 bf16 pairs into 16 float32 lanes), reading half the bytes with a quarter of
+// the arithmetic instructions; its rounding is the hardware's, so those results match the twins
+// within bf16 tolerance, not bit for bit. Elsewhere bf16 is widened to float32 as above.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define ECSERVE_NATIVE_BF16 1
+#else
+#define ECSERVE_NATIVE_BF16 0
+#endif
 
 namespace {
 
@@ -25,7 +38,11 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 constexpr int64_t LANES = 16;
 constexpr int MB = 8;  // token rows per register block
-constexpr int64_t LINEAR_MAX_ROWS = 8;  // linear(): more rows go to at::linear
+// linear() runs here while M * O * K <= 2^22 multiply-adds, and in float32 also at up to 8
+// token rows: there BLAS's fixed cost per call (~100 us at 2-64 rows, measured with 2 threads,
+// float32 and bf16) outweighs its faster blocked kernel. The rest goes to at::linear.
+constexpr int64_t LINEAR_MAX_ROWS = 8;
+constexpr int64_t LINEAR_MAX_MACS = int64_t{1} << 22;
 
 inline v16 load(const float* p) {
   v16 v;
@@ -84,6 +101,30 @@ inline void block(const TX* const* x, const TW* w, int64_t k, float* out, int64_
   for (int m = 0; m < M; ++m) out[m * ldo] = fold(acc[m]);
 }
 
+#if ECSERVE_NATIVE_BF16
+using bf16 = c10::BFloat16;
+
+inline __m512bh load_bh(const bf16* p, int64_t n) {  // n <= 32 values, the rest zero
+  if (n == 32) return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+  // A masked load never touches the masked-off tail, so a row's end is safe.
+  return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16((__mmask32{1} << n) - 1, p));
+}
+
+// out[m * ldo] = dot(x[m], w) for m < M: bf16 rows, float32 lanes, one vdpbf16ps per 32 terms.
+template <int M>
+inline void block_bf16(const bf16* const* x, const bf16* w, int64_t k, float* out,
+                       int64_t ldo) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 32) {
+    const int64_t n = std::min<int64_t>(32, k - i);
+    const __m512bh wv = load_bh(w + i, n);
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], load_bh(x[m] + i, n), wv);
+  }
+  for (int m = 0; m < M; ++m) out[m * ldo] = _mm512_reduce_add_ps(acc[m]);
+}
+#endif
+
 // out[m, o] (row stride ldo) = dot(x[m], w[o0 + o]) for all m < x.size(), o < o_count: one
 // weight row at a time (reading several rows side by side halved the read rate here), each
 // dotted with up to MB token rows held in registers.
@@ -91,6 +132,28 @@ template <typename TX, typename TW>
 void dots(const std::vector<const TX*>& x, const TW* w, int64_t ldw, int64_t o0,
           int64_t o_count, int64_t k, float* out, int64_t ldo) {
   const int64_t mrows = static_cast<int64_t>(x.size());
+#if ECSERVE_NATIVE_BF16
+  if constexpr (std::is_same_v<TX, bf16> && std::is_same_v<TW, bf16>) {
+    for (int64_t o = 0; o < o_count; ++o) {
+      const bf16* wr = w + (o0 + o) * ldw;
+      for (int64_t m = 0; m < mrows; m += MB) {
+        const bf16* const* xr = x.data() + m;
+        float* dst = out + m * ldo + o;
+        switch (std::min<int64_t>(MB, mrows - m)) {
+          case 1: block_bf16<1>(xr, wr, k, dst, ldo); break;
+          case 2: block_bf16<2>(xr, wr, k, dst, ldo); break;
+          case 3: block_bf16<3>(xr, wr, k, dst, ldo); break;
+          case 4: block_bf16<4>(xr, wr, k, dst, ldo); break;
+          case 5: block_bf16<5>(xr, wr, k, dst, ldo); break;
+          case 6: block_bf16<6>(xr, wr, k, dst, ldo); break;
+          case 7: block_bf16<7>(xr, wr, k, dst, ldo); break;
+          default: block_bf16<8>(xr, wr, k, dst, ldo); break;
+        }
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t o = 0; o < o_count; ++o) {
     const TW* wr = w + (o0 + o) * ldw;
     for (int64_t m = 0; m < mrows; m += MB) {
@@ -132,12 +195,22 @@ void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, " must have contiguous rows");
 }
 
+// The row type weights of type T are dotted with: bf16 itself where the CPU has AVX512-BF16,
+// else float32 (a bf16 row widened once, exactly, not once per weight row).
+template <typename T>
+using Row = std::conditional_t<ECSERVE_NATIVE_BF16 && !std::is_same_v<T, float>, T, float>;
+
+template <typename T>
+at::Tensor as_rows(const at::Tensor& x) {
+  return std::is_same_v<Row<T>, float> ? x.to(at::kFloat) : x;
+}
+
 template <typename T>
 at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w) {
   const int64_t m = x.size(0), k = x.size(1), o = w.size(0);
   at::Tensor out = at::empty({m, o}, x.options().dtype(at::kFloat));
-  const at::Tensor xf = x.to(at::kFloat);  // exact; widened once, not per weight row
-  const auto rows = row_ptrs<float>(xf);
+  const at::Tensor xr = as_rows<T>(x);
+  const auto rows = row_ptrs<Row<T>>(xr);
   const T* wp = w.data_ptr<T>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, o, row_grain(o), [&](int64_t lo, int64_t hi) {
@@ -147,18 +220,20 @@ at::Tensor linear_impl(const at::Tensor& x, const at::Tensor& w) {
 }
 
 // y = x @ w.T (+ bias): x [M, K], w [O, K] -> [M, O] in x's dtype, accumulated in float32;
-// float32 with M <= LINEAR_MAX_ROWS here, the rest through at::linear (oneDNN's bf16 GEMM is
-// as fast at small M).
+// float32 (and bf16 with AVX512-BF16) within the limits above here, the rest through
+// at::linear.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   check_rows(x, "x");
   check_rows(w, "w");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "linear: x [M, K] and w [O, K], got ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(x.dtype() == w.dtype(), "linear: x and w must share a dtype");
-  // Past a few rows the product is compute-bound and BLAS's blocked GEMM wins; deciding here,
-  // not in the caller, keeps a compiled graph free of a guard on the batch size.
-  if (x.size(0) > LINEAR_MAX_ROWS || x.dtype() != at::kFloat) return at::linear(x, w, bias);
-  at::Tensor out = linear_impl<float>(x, w);
+  // Deciding here, not in the caller, keeps a compiled graph free of a guard on the batch size.
+  const int64_t m = x.size(0);
+  const bool fp32 = x.dtype() == at::kFloat;
+  const bool own = m * w.size(0) * w.size(1) <= LINEAR_MAX_MACS || (fp32 && m <= LINEAR_MAX_ROWS);
+  if (!own || !(fp32 || ECSERVE_NATIVE_BF16)) return at::linear(x, w, bias);
+  at::Tensor out = fp32 ? linear_impl<float>(x, w) : linear_impl<c10::BFloat16>(x, w);
   if (bias) out.add_(*bias);
   return out.to(x.dtype());
 }
@@ -193,10 +268,10 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& idx, const at::Tensor
   const int64_t slots = static_cast<int64_t>(tok.size());
   if (slots == 0) return y;
   const int64_t active = static_cast<int64_t>(expert.size());
-  const at::Tensor xf = x.to(at::kFloat);  // exact; widened once, not per weight row
-  const float* xp = xf.data_ptr<float>();
-  std::vector<const float*> xrows(slots);
-  for (int64_t s = 0; s < slots; ++s) xrows[s] = xp + tok[s] * xf.stride(0);
+  const at::Tensor xr = as_rows<T>(x);
+  const Row<T>* xp = xr.template data_ptr<Row<T>>();
+  std::vector<const Row<T>*> xrows(slots);
+  for (int64_t s = 0; s < slots; ++s) xrows[s] = xp + tok[s] * xr.stride(0);
   at::Tensor gu = at::empty({2, slots, f}, x.options().dtype(at::kFloat));
   float* gate_out = gu.data_ptr<float>();
   float* up_out = gate_out + slots * f;
@@ -207,7 +282,7 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& idx, const at::Tensor
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t a = it / tiles, f0 = it % tiles * tile, fc = std::min(tile, f - f0);
       const int64_t ex = expert[a], s0 = first[a];
-      std::vector<const float*> rows(xrows.begin() + s0, xrows.begin() + first[a + 1]);
+      std::vector<const Row<T>*> rows(xrows.begin() + s0, xrows.begin() + first[a + 1]);
       const T* wgp = wg.data_ptr<T>() + ex * wg.stride(0);
       const T* wup = wu.data_ptr<T>() + ex * wu.stride(0);
       dots(rows, wgp, wg.stride(1), f0, fc, d, gate_out + s0 * f + f0, f);
@@ -223,8 +298,11 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& idx, const at::Tensor
     at::Tensor ga = gu[0].narrow(0, s0, k), ha = h.narrow(0, s0, k);
     at::mul_out(ha, act == 0 ? at::silu(ga) : at::gelu(ga, "tanh"), gu[1].narrow(0, s0, k));
   }
-  const float* hp = h.data_ptr<float>();
-  std::vector<const float*> hrows(slots);
+  // bf16 weights: the hidden activation is rounded to bf16 before the down projection, as a
+  // bf16 model's is, whichever instructions then read it.
+  if (!std::is_same_v<T, float>) h = as_rows<T>(h.to(x.dtype()));
+  const Row<T>* hp = h.template data_ptr<Row<T>>();
+  std::vector<const Row<T>*> hrows(slots);
   for (int64_t s = 0; s < slots; ++s) hrows[s] = hp + s * f;
   // Region 2: down projection and the gated sum, work items tiles of d; each tile adds the
   // experts in ascending order, so every token's sum runs in the spec's order.
@@ -233,7 +311,7 @@ at::Tensor moe_impl(const at::Tensor& x, const at::Tensor& idx, const at::Tensor
     std::vector<float> out(static_cast<size_t>(slots) * (hi - lo));
     for (int64_t a = 0; a < active; ++a) {
       const int64_t s0 = first[a], s1 = first[a + 1];
-      std::vector<const float*> rows(hrows.begin() + s0, hrows.begin() + s1);
+      std::vector<const Row<T>*> rows(hrows.begin() + s0, hrows.begin() + s1);
       const T* wdp = wd.data_ptr<T>() + expert[a] * wd.stride(0);
       dots(rows, wdp, wd.stride(1), lo, hi - lo, f, out.data() + s0 * (hi - lo), hi - lo);
       for (int64_t s = s0; s < s1; ++s) {
@@ -272,12 +350,16 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& idx, const at::Ten
              : moe_impl<c10::BFloat16>(x, idx, gate, w_gate, w_up, w_down, act);
 }
 
+bool native_bf16() { return ECSERVE_NATIVE_BF16; }
+
 }  // namespace
 
 TORCH_LIBRARY(ecserve, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("moe_experts(Tensor x, Tensor idx, Tensor gate, Tensor w_gate, Tensor w_up, "
         "Tensor w_down, int act) -> Tensor");
+  // Whether bf16 runs on AVX512-BF16's dot product instruction (else widened to float32).
+  m.def("native_bf16() -> bool", &native_bf16);
 }
 
 TORCH_LIBRARY_IMPL(ecserve, CPU, m) {
