@@ -10,9 +10,8 @@ operators (the model's Kernels), attention over the sequence's keys gathered fro
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ecserve.model.attention import LayerKV
+from ecserve.model.attention import LayerKV, sdpa
 from ecserve.model.layers import rope_cos_sin
 from ecserve.model.transformer import Transformer
 
@@ -46,8 +45,7 @@ def decode_forward(
         cache.v.index_copy_(0, slots, v)
         keys = cache.k[key_slots].transpose(1, 2)  # [B, KVH, L, hd]
         values = cache.v[key_slots].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask,
-                                             enable_gqa=True)  # [B, H, 1, hd]
+        out = sdpa(q[:, :, None, :], keys, values, mask)  # [B, H, 1, hd]
         h = x + attn.output(out.reshape(b, -1))
         xn = block.ffn_norm(h)
         if block.moe is None:
