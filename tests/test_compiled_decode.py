@@ -69,3 +69,17 @@ def test_group_mixing_policies_and_other_encodings_stay_eager(make_model):
     ec = LLM(make_model(routing={"policy": "ec"}), EngineConfig(device="cpu", decode="compiled"))
     assert ec.engine.runner.compiled is None
     assert "mixes sequences" in (compile_blocker(ec.engine.runner.model) or "")
+
+
+def test_compiled_decode_compiles_in_bf16(make_model):
+    """bf16 attention takes its own path (ecserve.model.attention.sdpa); the step must still
+    compile for every table width, not fall back to eager."""
+    model = str(make_model(routing={"policy": "token_choice", "top_k": 2}))
+    cfg = EngineConfig(device="cpu", dtype="bfloat16", max_num_seqs=4)
+    compiled = LLM(model, dataclasses.replace(cfg, decode="compiled"))
+    assert compiled.engine.runner.compiled is not None
+    prompts = [list(range(3 + i, 12 + 2 * i)) for i in range(4)]
+    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    got = [o.token_ids for o in compiled.generate(prompts, params)]
+    assert compiled.engine.runner.compiled.steps >= 1
+    assert got == [o.token_ids for o in LLM(model, cfg).generate(prompts, params)]
