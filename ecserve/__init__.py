@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
-# One CPU-thread policy for every entry point (serve, generate, plan, train, LLM()): OpenMP
-# threads that spin between parallel regions fight everything else on the cores (gRPC, the
-# event loop, another job) and steps then take seconds (docs/serving.md, "CPU servers and
-# OpenMP").
-# Read when torch loads its OpenMP runtime, so it holds where ecserve is imported first; an
-# explicit setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from ecserve import openmp
+
+openmp.passive_unless_given()  # before anything imports torch
 
 __version__ = "0.1.0"
 

@@ -86,14 +86,16 @@ def health(address: str, service: str = "") -> str:
             return e.code().name
 
 
-def serve_process(log_path: Path, *args: str, new_session: bool = False
-                  ) -> subprocess.Popen[bytes]:
+def serve_process(log_path: Path, *args: str, new_session: bool = False,
+                  environ: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """`python -m ecserve serve ARGS` in the background, its unbuffered output in log_path;
-    new_session: in a process group of its own (to signal the whole group)."""
+    new_session: in a process group of its own (to signal the whole group); environ: its
+    environment (default: this process's)."""
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "-m", "ecserve", "serve", *args], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=new_session,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**(os.environ if environ is None else environ),
+                                     "PYTHONUNBUFFERED": "1"})
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -10,6 +10,7 @@ import functools
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -158,12 +159,14 @@ def gone(pid: int) -> bool:
         return True
 
 
-def start_server(make_model, tmp_path: Path) -> tuple[object, str, Path]:
+def start_server(make_model, tmp_path: Path, *args: str, environ: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = free_port()
     log_path = tmp_path / "serve.log"
     # 12 layers: a 240-token stream lasts long enough to kill something under it.
     proc = serve_process(log_path, "--model", str(make_model(num_layers=12)), "--port",
-                         str(port), "--metrics-port", "0", "--device", "cpu")
+                         str(port), "--metrics-port", "0", "--device", "cpu", *args,
+                         environ=environ)
     address = f"127.0.0.1:{port}"
     wait_for(lambda: health(address) == "SERVING" or proc.poll() is not None, 60, "SERVING")
     assert proc.poll() is None, log_path.read_text()
@@ -210,3 +213,26 @@ def test_sigterm_stops_the_core_and_a_dead_front_end_takes_it_along(make_model, 
     wait_for(lambda: gone(pid), 15, "the orphaned core to notice and stop")
     assert time.monotonic() - t0 < 10
     client.close()
+
+
+@pytest.mark.parametrize(("given", "args", "policy"), [
+    (None, (), "ACTIVE"), (None, ("--engine-openmp", "passive"), "PASSIVE"),
+    ("PASSIVE", (), "PASSIVE")])
+def test_the_core_spins_its_openmp_threads_unless_told_not_to(make_model, tmp_path, given,
+                                                               args, policy):
+    """The core's threads busy-wait a bounded spell (GOMP_SPINCOUNT) between parallel regions;
+    --engine-openmp passive or an OMP_WAIT_POLICY of the user's own keeps them passive."""
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if given:
+        environ["OMP_WAIT_POLICY"] = given
+    proc, _, log_path = start_server(make_model, tmp_path, *args, environ=environ)
+    try:
+        with open(f"/proc/{core_pid(log_path)}/environ") as f:
+            core_env = dict(v.split("=", 1) for v in f.read().split("\0") if "=" in v)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+    assert core_env["OMP_WAIT_POLICY"] == policy
+    assert ("GOMP_SPINCOUNT" in core_env) == (policy == "ACTIVE")
+    assert f"OMP_WAIT_POLICY={policy}" in log_path.read_text()

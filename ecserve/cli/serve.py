@@ -25,9 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     launch, server = from_flags(LaunchConfig, args), from_flags(ServerConfig, args)
     engine, model = from_flags(EngineConfig, args), from_flags(ModelSource, args).resolved()
-    import torch  # OMP_WAIT_POLICY: set for every command by ecserve/__init__.py
+    import torch  # OMP_WAIT_POLICY: set for every command by ecserve/openmp.py
 
     from ecserve.engine.core import CoreSpec, load_engine
+    from ecserve.openmp import engine_core_environment
     from ecserve.server.app import serve_model
 
     logging.basicConfig(level=launch.log_level, stream=sys.stderr,
@@ -35,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     threads = launch.engine_threads()
     core = None
     if launch.engine_core == "process":
-        core = CoreSpec(threads, launch.engine_cpus, launch.log_level)
+        core = CoreSpec(threads, launch.engine_cpus, launch.log_level,
+                        tuple(engine_core_environment(launch.engine_openmp).items()))
         torch.set_num_threads(1)  # this process runs no model: its threads would only idle
     elif threads is not None:
         torch.set_num_threads(threads)

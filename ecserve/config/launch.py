@@ -53,6 +53,11 @@ class LaunchConfig:
     torch_threads: int | None = None
     """The engine's torch CPU threads; default: $OMP_NUM_THREADS, else all cores but one, which
     the server's gRPC work and event loop keep."""
+    engine_openmp: Literal["spin", "passive"] = "spin"
+    """How the engine-core process's idle OpenMP threads wait: spin (busy-wait up to 300,000
+    spins, a few milliseconds, then sleep: a step's parallel regions start without waking
+    threads) or passive (sleep at once, as the server's own threads do). An OMP_WAIT_POLICY
+    in the environment wins."""
     engine_cpus: tuple[int, ...] | None = field(default=None, metadata=flag(
         metavar="LIST", parse=parse_cpu_list))
     """Pin the engine-core process to these CPUs (e.g. 1-15 or 2,3); default: no pinning."""

@@ -50,6 +50,7 @@ class CoreSpec:
     torch_threads: int | None = None  # None: torch's default (OMP_NUM_THREADS or every core)
     cpus: tuple[int, ...] | None = None  # pin the process to these CPUs; None: no pinning
     log_level: str = "INFO"
+    env: tuple[tuple[str, str], ...] = ()  # set for the process before it imports torch
 
 
 CORE_IGNORES = {signal.SIGINT, signal.SIGTERM}  # the core stops when the front end says
@@ -89,8 +90,10 @@ def run_core(load: EngineLoader, spec: CoreSpec, input_addr: str, output_addr: s
         outputs.close()
         ctx.term()
         raise SystemExit(2) from None
-    log.info("engine core ready (pid %d, %d torch threads)", os.getpid(),
-             torch.get_num_threads())
+    log.info("engine core ready (pid %d, %d torch threads, OMP_WAIT_POLICY=%s%s)", os.getpid(),
+             torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "unset"),
+             f" GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+             if "GOMP_SPINCOUNT" in os.environ else "")
     outputs.send(codec.encode(CoreHello(ready=CoreReady(
         pid=os.getpid(), model_name=engine.model_name, model_cfg=engine.model_cfg,
         limits=engine.limits, dtype=engine.dtype_name, device=str(engine.device),

@@ -63,6 +63,21 @@ def _kill_orphans() -> None:
 
 
 @contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` set, for children started inside."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def _children_ignore(signals: set[signal.Signals]) -> Iterator[None]:
     """Children started inside inherit `signals` ignored. Ctrl-C and `kill` of the process
     group reach the engine core too: it ignores them once it runs (run_core), but a child still
@@ -129,7 +144,9 @@ class EngineCoreClient:
         proc = multiprocessing.get_context("spawn").Process(
             target=run_core, args=(self.load, self.spec, in_addr, out_addr, os.getpid()),
             name="ecserve-engine-core", daemon=False)
-        with _children_ignore(CORE_IGNORES):
+        # The child unpickles run_core, and so imports torch, before run_core runs: its
+        # environment (the OpenMP policy) must be in place at the start.
+        with _children_ignore(CORE_IGNORES), _environment(dict(self.spec.env)):
             proc.start()
         self._proc = proc
         _STARTED.add(proc)
