@@ -1,8 +1,8 @@
 """How much of the model's raw speed the server delivers.
 
     python bench/bench_serving.py [--json PATH] [--output-len 128] [--requests-per-level 2]
-        [--engine-core process|thread|both] [--torch-threads N] [--levels 1,32]
-        [--serve-arg=--engine-cpus --serve-arg=1 ...]
+        [--compare placement|decode|openmp] [--engine-core process|thread|both]
+        [--torch-threads N] [--levels 1,32] [--serve-arg=--engine-cpus --serve-arg=1 ...]
 
 1. Raw: the engine core, no server, stepping a full batch of B decoding sequences (B = 1 and
    32): B tokens per median decode step, with the server's CPU settings (torch threads: all
@@ -13,20 +13,26 @@
    closed loop at concurrency 1, 2, 4, ..., 64 (each stream: 16 prompt tokens, --output-len new
    tokens; output tok/s over the level's whole run, prefill and ramp included).
 
-Both engine-core placements are served by default (`--engine-core both`): the engine in its
-own process (ecserve serve's default) and on a thread of the server's process, levels
-interleaved. Prints, for each, served(32) / raw(32) (goal >= 0.9), served(32) / raw on every
-core (goal >= 0.75) and served(32) / served(1) (goal >= 12x), and process / thread at 32. The
-load generator shares the machine with the server, as a co-located client would.
+What the servers compare (`--compare`), levels interleaved:
+- placement (default): the engine core in its own process (ecserve serve's default) and on a
+  thread of the server's process (`--engine-core both`; or only one of them);
+- decode: the engine core's process with `--decode eager` and with `--decode compiled`;
+- openmp: the engine core's process with `--engine-openmp spin` and `passive`.
+The servers run with ecserve's own OpenMP settings (the core's threads spin a bounded spell,
+the front end's are passive) unless this script was given an OMP_WAIT_POLICY, which they then
+all inherit. Prints, for each server, served(32) / raw(32) (goal >= 0.9), served(32) / raw on
+every core (goal >= 0.75) and served(32) / served(1) (goal >= 12x), and process / thread at 32.
+The load generator shares the machine with the server, as a co-located client would.
 """
 
 from __future__ import annotations
 
 import os
 
-# As `ecserve serve` does, so raw and served run the same OpenMP settings (before torch loads);
-# not in the child that measures torch's defaults.
+# As `ecserve serve`'s front end does, before torch loads; not in the child that measures
+# torch's defaults. The servers get the user's own setting only (kept aside here).
 if not os.environ.get("ECSERVE_BENCH_CHILD"):
+    os.environ.setdefault("ECSERVE_BENCH_USER_OMP", os.environ.get("OMP_WAIT_POLICY", ""))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
@@ -50,6 +56,15 @@ from ecserve.types import Request, SamplingParams
 
 PROMPT_LEN = 16
 LEVELS = (1, 2, 4, 8, 16, 32, 64)
+# --compare -> server label -> (`ecserve serve --engine-core`, more serve arguments); the run
+# reports the first's tok/s at 32 streams over the second's.
+COMPARE: dict[str, dict[str, tuple[str, list[str]]]] = {
+    "placement": {"process": ("process", []), "thread": ("thread", [])},
+    "decode": {"compiled": ("process", ["--decode", "compiled"]),
+               "eager": ("process", ["--decode", "eager"])},
+    "openmp": {"spin": ("process", ["--engine-openmp", "spin"]),
+               "passive": ("process", ["--engine-openmp", "passive"])},
+}
 
 
 def raw_decode_step_times(engine: Engine, batch: int, steps: int) -> list[float]:
@@ -88,8 +103,11 @@ def start_server(port: int, mode: str, threads: int, extra: list[str]
     cmd = [sys.executable, "-m", "ecserve", "serve", "--port", str(port), "--metrics-port", "0",
            "--log-level", "WARNING", "--engine-core", mode, "--torch-threads", str(threads),
            *extra]
-    proc = subprocess.Popen(cmd)
-    end = time.monotonic() + 120
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if os.environ.get("ECSERVE_BENCH_USER_OMP"):
+        env["OMP_WAIT_POLICY"] = os.environ["ECSERVE_BENCH_USER_OMP"]
+    proc = subprocess.Popen(cmd, env=env)
+    end = time.monotonic() + 300  # a compiled decode step compiles at start
     with Client(f"127.0.0.1:{port}", timeout=2) as client:
         while True:
             try:
@@ -122,9 +140,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--requests-per-level", type=int, default=2,
                         help="requests per stream at each concurrency level")
+    parser.add_argument("--compare", choices=tuple(COMPARE), default="placement",
+                        help="what the servers differ in (see above)")
     parser.add_argument("--engine-core", choices=("process", "thread", "both"), default="both",
-                        help="the served engine's place (`ecserve serve --engine-core`); "
-                             "both: one server of each, levels interleaved")
+                        help="with --compare placement, the served engine's place (`ecserve "
+                             "serve --engine-core`); both: one server of each")
     parser.add_argument("--torch-threads", type=int,
                         help="the engine's torch threads, served and raw (default: all cores "
                              "but one, as `ecserve serve`)")
@@ -135,7 +155,9 @@ def main() -> None:
                         help="concurrency levels (1 and 32 give the ratios)")
     args = parser.parse_args()
     levels = [int(v) for v in args.levels.split(",")]
-    modes = ("process", "thread") if args.engine_core == "both" else (args.engine_core,)
+    servers_of = COMPARE[args.compare]
+    modes = tuple(servers_of) if args.compare != "placement" or args.engine_core == "both" else (
+        args.engine_core,)
 
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) - 1)
     torch.set_num_threads(threads)
@@ -150,7 +172,8 @@ def main() -> None:
     sweep: dict[str, list[dict[str, object]]] = {mode: [] for mode in modes}
     try:
         for mode in modes:
-            servers[mode] = start_server(ports[mode], mode, threads, args.serve_arg)
+            core, extra = servers_of[mode]
+            servers[mode] = start_server(ports[mode], core, threads, [*extra, *args.serve_arg])
         for c in levels:
             if c in raw:
                 measure_raw(c)
@@ -189,7 +212,8 @@ def main() -> None:
         "raw_decode_steps": {str(b): len(v) for b, v in raw.items()},
         "sweep": sweep,
         "config": {"model": "default", "prompt_len": PROMPT_LEN, "output_len": args.output_len,
-                   "torch_threads_server_and_raw": threads, "engine_core": list(modes),
+                   "torch_threads_server_and_raw": threads, "compare": args.compare,
+                   "servers": list(modes),
                    "serve_args": args.serve_arg,
                    "requests_per_level": args.requests_per_level, "dtype": "float32",
                    "omp": openmp_env()},
@@ -199,11 +223,12 @@ def main() -> None:
     print(f"raw decode, every core, spinning OpenMP (reference): batch 32 {unconstrained:.1f} "
           "tok/s")
     for mode, r in ratios.items():
-        print(f"engine core as a {mode}: " + ", ".join(f"{k} = {v:.3f}" for k, v in r.items()))
+        print(f"{mode}: " + ", ".join(f"{k} = {v:.3f}" for k, v in r.items()))
     if len(modes) == 2 and all("served_tok_s_at_32" in r for r in ratios.values()):
-        split = ratios["process"]["served_tok_s_at_32"] / ratios["thread"]["served_tok_s_at_32"]
-        result["process_over_thread_at_32"] = split
-        print(f"served(32), engine-core process / thread = {split:.3f}")
+        first, second = modes
+        split = ratios[first]["served_tok_s_at_32"] / ratios[second]["served_tok_s_at_32"]
+        result["first_over_second_at_32"] = {"first": first, "second": second, "ratio": split}
+        print(f"served(32), {first} / {second} = {split:.3f}")
     print("goals: served/raw(32) >= 0.9, served/raw all cores(32) >= 0.75, 32 vs 1 >= 12x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -249,7 +249,9 @@ def vs_llama_cpp(results: list[Result]) -> list[Section]:
                     [table(["workload", *header], body)])]
 
 
-MODES = {"process": "engine-core process", "thread": "engine on a thread"}
+MODES = {"process": "engine-core process", "thread": "engine on a thread",
+         "compiled": "compiled decode step", "eager": "eager decode step",
+         "spin": "core's OpenMP threads spinning", "passive": "core's OpenMP threads passive"}
 SERVING_RATIOS = {  # key: (row label, format, goal)
     "served_over_raw_at_32": ("served(32) / engine alone, same threads", "{:.2f}", ">= 0.9"),
     "served_over_raw_all_cores_at_32": ("served(32) / engine alone, every core, spinning",
@@ -292,9 +294,13 @@ def serving_sweep(res: Result, section: list[Result]) -> list[str]:
     if "raw_decode_tok_s_all_cores_spinning_32" in d:
         note += (f"; {num(d['raw_decode_tok_s_all_cores_spinning_32'])} at batch 32 with every "
                  "core and spinning OpenMP threads")
-    if "process_over_thread_at_32" in d:
+    if "process_over_thread_at_32" in d:  # results before --compare
         note += (f". The process serves {times(d['process_over_thread_at_32'])} the thread's "
                  "tokens at 32 streams")
+    if "first_over_second_at_32" in d:
+        o = d["first_over_second_at_32"]
+        note += (f". At 32 streams the {MODES.get(o['first'], o['first'])} serves "
+                 f"{times(o['ratio'])} the tokens of the {MODES.get(o['second'], o['second'])}")
     return [caption(res, section) + table(["concurrency", *map(str, levels)], body),
             table(["ratio", *(MODES.get(m, m) for m in d["ratios"]), "goal"], ratios),
             para(note + ".")]
@@ -328,8 +334,9 @@ def bench_serving(results: list[Result]) -> list[Section]:
     if sweeps:
         sections.append(Section(
             "Served throughput against the engine alone (`bench_serving.py`)",
-            "Two `ecserve serve` on the default model, one with the engine core in its own "
-            "process and one with it on a thread, loaded by `ecserve bench`'s closed loop at each "
+            "Two `ecserve serve` on the default model that differ in one setting (the engine "
+            "core's place: its own process or a thread; its decode step: compiled or eager; its "
+            "OpenMP threads: spinning or passive), loaded by `ecserve bench`'s closed loop at each "
             "concurrency, interleaved (each request 16 prompt tokens and `output_len` new ones, "
             "the client on the same machine); the engine alone steps a full batch with the same "
             "torch threads beside the levels of batch 1 and 32. Output tok/s is over each "
