@@ -9,6 +9,7 @@ import dataclasses
 import ecserve_kernels.cpu
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from ecserve.config import EngineConfig
 from ecserve.engine.compiled_decode import compile_blocker
@@ -41,8 +42,10 @@ def compare(model: str | None, prompts: list[list[int]]) -> None:
     compiled = LLM(model, dataclasses.replace(cfg, decode="compiled"))
     assert compiled.engine.runner.compiled is not None
     want_tokens, want_lp, want_stats = run(eager, prompts)
+    compiles = counters["stats"]["unique_graphs"]
     got_tokens, got_lp, got_stats = run(compiled, prompts)
     assert compiled.engine.runner.compiled.steps >= 8 + 4 * (PROMPTS - 1) - 1
+    assert counters["stats"]["unique_graphs"] == compiles, "steps recompiled start-up's graphs"
     assert got_tokens == want_tokens
     for a, b in zip(got_lp, want_lp, strict=True):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-4)

@@ -125,6 +125,11 @@ class CompiledDecode:
         return self.fn(*inputs)
 
     def _placeholder(self, b: int) -> tuple[torch.Tensor, ...]:
-        zeros = torch.zeros(b, dtype=torch.long)
-        return (zeros, zeros, zeros, torch.zeros(b, MIN_TABLE, dtype=torch.long), zeros + 1)
+        # Five distinct tensors, as a step's are: dynamo guards on inputs aliasing each other,
+        # and graphs compiled for one shared `zeros` were recompiled at the first real step.
+        def zeros() -> torch.Tensor:
+            return torch.zeros(b, dtype=torch.long)
+
+        return (zeros(), zeros(), zeros(), torch.zeros(b, MIN_TABLE, dtype=torch.long),
+                zeros() + 1)
 
