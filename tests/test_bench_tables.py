@@ -150,8 +150,8 @@ def test_every_script_s_json_renders_with_one_row_per_item(fixtures: Path) -> No
 
 def test_the_committed_figures_as_the_readme_formats_them() -> None:
     page = tables.render(RESULTS)
-    assert ("| default, float32, compiled | 5.5x | 8.4x | 10.4x | 300 / 932 / 1,850 | "
-            "2.16x / 2.37x / 1.48x |") in page
+    assert ("| default, float32, compiled | 4.9x | 7.5x | 8.8x | 350 / 875 / 1,983 | "
+            "2.26x / 2.19x / 1.86x |") in page
     assert ("| 16 parallel | 541 | 609 | 796 | 669 | 0.68 | 0.76 | 16/16 sequences identical |"
             in page)
     assert ("| engine-core process: output tok/s | 92 | 178 | 354 | 539 | 730 | 1,186 | 1,548 |"
