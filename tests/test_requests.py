@@ -109,6 +109,15 @@ def test_over_the_context(make_model):
     eng.add_request(Request("ok", (1,) * 200, SamplingParams(max_new_tokens=56)))  # = 256
 
 
+def test_a_prompt_past_the_context_is_refused_for_the_context_not_the_queue(make_model):
+    """Raising max_waiting_tokens could never serve it: the message must name the context."""
+    cfg = EngineConfig(device="cpu", max_model_len=32, max_waiting_tokens=16,
+                       kv_cache_bytes=NUM_BLOCKS * BLOCK_BYTES)
+    msg = refused(Engine(make_model(), cfg), Request("r", (1,) * 500, SamplingParams()))
+    assert msg.endswith(f"= {500 + SamplingParams().max_new_tokens} exceeds the context of 32 "
+                        "tokens")
+
+
 def test_engine_max_model_len_is_the_context(make_model):
     cfg = EngineConfig(device="cpu", max_model_len=32, kv_cache_bytes=NUM_BLOCKS * BLOCK_BYTES)
     eng = Engine(make_model(), cfg)

@@ -35,6 +35,14 @@ class RequestLimits:
         vocab, p = self.vocab_size, r.params
         if not r.prompt_token_ids:
             raise RequestError("prompt", ": empty (a prompt needs at least one token)")
+        # The context first: a prompt longer than it is refused for that, where raising the
+        # queue's bound could never help. Both are length checks, before any scan of the ids.
+        total = len(r.prompt_token_ids) + p.max_new_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                "prompt", f" ({len(r.prompt_token_ids)} tokens) + max_new_tokens "
+                f"({p.max_new_tokens}) = {total} exceeds the context of {self.max_model_len} "
+                "tokens")
         if len(r.prompt_token_ids) > self.max_waiting_tokens:
             raise RequestError("prompt", f": {len(r.prompt_token_ids)} tokens is more than the "
                                f"queue takes (max_waiting_tokens={self.max_waiting_tokens})")
@@ -52,12 +60,6 @@ class RequestLimits:
         if r.routing_scope is not None and r.routing_scope not in SCOPES:
             raise RequestError("routing_scope", f": {r.routing_scope!r} is not one of "
                                f"{', '.join(SCOPES)}")
-        total = len(r.prompt_token_ids) + p.max_new_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                "prompt", f" ({len(r.prompt_token_ids)} tokens) + max_new_tokens "
-                f"({p.max_new_tokens}) = {total} exceeds the context of {self.max_model_len} "
-                "tokens")
         need = math.ceil((total - 1) / self.block_size)
         if need > self.num_blocks:
             raise RequestError(
