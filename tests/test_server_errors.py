@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -413,3 +414,28 @@ def test_full_token_queue_is_resource_exhausted(small_queue):
         out = stub.Generate(req([1] * 64, max_new_tokens=2, ignore_eos=True), timeout=30)
         assert out.generated_token_count == 2
 
+
+
+def test_a_cancelled_or_expired_request_leaves_its_line_in_the_log(stub, caplog):
+    """One line per finished request, also when the client ended it."""
+    def ended() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("request ") and ("cancelled" in r.getMessage()
+                                                               or "deadline" in r.getMessage())]
+
+    with caplog.at_level("INFO", logger="ecserve.requests"):
+        stream = stub.GenerateStream(req(**LONG), timeout=30)
+        next(stream)
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(req(**LONG), timeout=0.05)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        end = time.monotonic() + 10
+        while len(ended()) < 2 and time.monotonic() < end:
+            time.sleep(0.02)
+    lines = ended()
+    assert len(lines) == 2, lines
+    assert any(re.fullmatch(r"request \w+: 6 prompt tokens, \d+ generated, cancelled by the "
+                            r"client", line) for line in lines), lines
+    assert any(re.fullmatch(r"request \w+: 6 prompt tokens, \d+ generated, deadline exceeded",
+                            line) for line in lines), lines

@@ -70,8 +70,11 @@ class GenerationServicer:
                 assert not isinstance(item, Exception)
                 events.append(item)
                 done = item.finished
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            self._log_unfinished(request, sum(e.token_id is not None for e in events), context)
+            raise
         finally:
-            if not done:  # cancelled or past its deadline: free the request's blocks
+            if not done:  # free the request's blocks
                 live.cancel(request.request_id)
         response = builder.build(events)
         self._log(request, builder)
@@ -94,6 +97,9 @@ class GenerationServicer:
                 events = [i for i in items if not isinstance(i, Exception)]
                 done = events[-1].finished
                 yield builder.build(events)
+        except asyncio.CancelledError:
+            self._log_unfinished(request, builder.generated, context)
+            raise
         finally:
             if not done:
                 live.cancel(request.request_id)
@@ -134,6 +140,15 @@ class GenerationServicer:
         log.info("request %s: %s, %d generated, %s", request.request_id,
                  counted(len(request.prompt_token_ids), "prompt token"), builder.generated,
                  builder.finish.value if builder.finish else "unfinished")
+
+    def _log_unfinished(self, request: Request, generated: int,
+                        context: grpc.aio.ServicerContext) -> None:
+        """The line of a request its client ended: cancelled, or past its deadline (gRPC
+        cancels the handler either way; the time left tells them apart)."""
+        left = context.time_remaining()
+        why = "deadline exceeded" if left is not None and left <= 0 else "cancelled by the client"
+        log.info("request %s: %s, %d generated, %s", request.request_id,
+                 counted(len(request.prompt_token_ids), "prompt token"), generated, why)
 
     # ------------------------------------------------------------------ the rest
 
