@@ -96,9 +96,9 @@ class CompiledDecode:
         """float32 logits [B, V] and the step's MoEStats, as the eager step gives them."""
         chunks = plan.chunks
         width = max(MIN_TABLE, max(len(c.block_table) for c in chunks))
-        tables = torch.zeros(len(chunks), width, dtype=torch.long)
-        for s, c in enumerate(chunks):
-            tables[s, :len(c.block_table)] = torch.tensor(c.block_table)
+        # One tensor from padded lists: a per-row copy would be B more operators a step.
+        tables = torch.tensor([[*c.block_table, *[0] * (width - len(c.block_table))]
+                               for c in chunks])
         bs = self.block_size
         pos = torch.tensor([c.start_pos for c in chunks])
         slots = [c.block_table[c.start_pos // bs] * bs + c.start_pos % bs for c in chunks]

@@ -137,18 +137,21 @@ class GenerationServicer:
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {item}")
 
     def _log(self, request: Request, builder: ResponseBuilder) -> None:
-        log.info("request %s: %s, %d generated, %s", request.request_id,
-                 counted(len(request.prompt_token_ids), "prompt token"), builder.generated,
-                 builder.finish.value if builder.finish else "unfinished")
+        self._line(request, builder.generated,
+                   builder.finish.value if builder.finish else "unfinished")
 
     def _log_unfinished(self, request: Request, generated: int,
                         context: grpc.aio.ServicerContext) -> None:
         """The line of a request its client ended: cancelled, or past its deadline (gRPC
         cancels the handler either way; the time left tells them apart)."""
         left = context.time_remaining()
-        why = "deadline exceeded" if left is not None and left <= 0 else "cancelled by the client"
+        self._line(request, generated, "deadline exceeded" if left is not None and left <= 0
+                   else "cancelled by the client")
+
+    @staticmethod
+    def _line(request: Request, generated: int, outcome: str) -> None:
         log.info("request %s: %s, %d generated, %s", request.request_id,
-                 counted(len(request.prompt_token_ids), "prompt token"), generated, why)
+                 counted(len(request.prompt_token_ids), "prompt token"), generated, outcome)
 
     # ------------------------------------------------------------------ the rest
 

@@ -110,10 +110,10 @@ inline __m512bh load_bh(const bf16* p, int64_t n) {  // n <= 32 values, the rest
   return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16((__mmask32{1} << n) - 1, p));
 }
 
-// out[m * ldo] = dot(x[m], w) for m < M: bf16 rows, float32 lanes, one vdpbf16ps per 32 terms.
+// block() for bf16 rows and weights: float32 lanes, one vdpbf16ps per 32 terms. An overload,
+// more specialised than the template above, so dots() picks it for bf16 x bf16.
 template <int M>
-inline void block_bf16(const bf16* const* x, const bf16* w, int64_t k, float* out,
-                       int64_t ldo) {
+inline void block(const bf16* const* x, const bf16* w, int64_t k, float* out, int64_t ldo) {
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 32) {
@@ -132,28 +132,6 @@ template <typename TX, typename TW>
 void dots(const std::vector<const TX*>& x, const TW* w, int64_t ldw, int64_t o0,
           int64_t o_count, int64_t k, float* out, int64_t ldo) {
   const int64_t mrows = static_cast<int64_t>(x.size());
-#if ECSERVE_NATIVE_BF16
-  if constexpr (std::is_same_v<TX, bf16> && std::is_same_v<TW, bf16>) {
-    for (int64_t o = 0; o < o_count; ++o) {
-      const bf16* wr = w + (o0 + o) * ldw;
-      for (int64_t m = 0; m < mrows; m += MB) {
-        const bf16* const* xr = x.data() + m;
-        float* dst = out + m * ldo + o;
-        switch (std::min<int64_t>(MB, mrows - m)) {
-          case 1: block_bf16<1>(xr, wr, k, dst, ldo); break;
-          case 2: block_bf16<2>(xr, wr, k, dst, ldo); break;
-          case 3: block_bf16<3>(xr, wr, k, dst, ldo); break;
-          case 4: block_bf16<4>(xr, wr, k, dst, ldo); break;
-          case 5: block_bf16<5>(xr, wr, k, dst, ldo); break;
-          case 6: block_bf16<6>(xr, wr, k, dst, ldo); break;
-          case 7: block_bf16<7>(xr, wr, k, dst, ldo); break;
-          default: block_bf16<8>(xr, wr, k, dst, ldo); break;
-        }
-      }
-    }
-    return;
-  }
-#endif
   for (int64_t o = 0; o < o_count; ++o) {
     const TW* wr = w + (o0 + o) * ldw;
     for (int64_t m = 0; m < mrows; m += MB) {
