@@ -101,7 +101,7 @@ def served_runner(model_dir: Path, work: list[tuple[list[int], int]]
         [str(exe), "serve", "--model", str(model_dir), "--port", str(port), "--metrics-port",
          "0", "--device", "cpu", "--max-num-seqs", "64", "--max-num-batched-tokens", "512",
          "--kv-cache-bytes", str(ENGINE["kv_cache_bytes"]), "--expert-timing-every", "0",
-         "--log-level", "WARNING"])
+         "--http-port", "0", "--log-level", "WARNING"])
     client = Client(f"127.0.0.1:{port}", timeout=600)
     try:
         deadline = time.monotonic() + 120

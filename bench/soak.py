@@ -44,7 +44,8 @@ EXPECTED = {"OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 def start_server(port: int, metrics_port: int, model: str | None, log: Path
                  ) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "ecserve", "serve", "--port", str(port), "--metrics-port",
-           str(metrics_port), "--log-level", "WARNING", *(["--model", model] if model else [])]
+           str(metrics_port), "--http-port", "0", "--log-level", "WARNING",
+           *(["--model", model] if model else [])]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -31,6 +31,7 @@ from ecserve.config import EXPERT_METRICS, ExpertMetrics, ModelConfig
 from ecserve.config.fields import check_choice
 from ecserve.types import FinishReason, MoEStats, RequestStats, StepStats
 
+PROTOCOLS = ("grpc", "http")  # the front ends a request can come through
 # Buckets suited to LLM serving: vLLM's, extended down to the millisecond steps of small
 # models (and up, for long generations).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -96,7 +97,13 @@ class Metrics:
         for reason in FinishReason:
             self.finished.labels(reason.value)
         self.rejected = Counter("ecserve_requests_rejected", "Requests refused before they "
-                                "started, by gRPC status code.", ["code"], registry=r)
+                                "started, by protocol and status code (gRPC's name, HTTP's "
+                                "number).", ["protocol", "code"], registry=r)
+        self.received = Counter("ecserve_requests_received", "Generation requests accepted, by "
+                                "protocol (an OpenAI call with n choices counts n).",
+                                ["protocol"], registry=r)
+        for protocol in PROTOCOLS:
+            self.received.labels(protocol)
         # Steps and devices.
         self.step_time = hist("ecserve_step_duration_seconds", "Engine step wall time.",
                               STEP_BUCKETS, ["device"]).labels(device)
@@ -165,8 +172,11 @@ class Metrics:
 
     # ---------------------------------------------------------------- the rest
 
-    def reject(self, code: str) -> None:
-        self.rejected.labels(code).inc()
+    def reject(self, code: str, protocol: str) -> None:
+        self.rejected.labels(protocol, code).inc()
+
+    def receive(self, protocol: str, requests: int = 1) -> None:
+        self.received.labels(protocol).inc(requests)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

@@ -52,6 +52,10 @@ class ByteTokenizer:
         # Ids outside 0..255 (the specials, or a model's padded vocabulary) produce no text.
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
+    def token_text(self, token_id: int) -> str:
+        """A special token's own text (what a chat template writes for it)."""
+        return {self.BOS: "<bos>", self.EOS: "<eos>"}.get(token_id, self.decode([token_id]))
+
 
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer.json; bos/eos come from the model config."""
@@ -75,6 +79,10 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """A special token's own text (what a chat template writes for it)."""
+        return self._tok.id_to_token(token_id) or ""
 
 
 def load_tokenizer(

@@ -32,7 +32,7 @@ class ServerThread:
         self.engine = engine if isinstance(engine, Engine) else None
         self._load = (lambda: engine) if isinstance(engine, Engine) else engine
         self.cfg = ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0,
-                                   **server_cfg})
+                                   "http_port": 0, **server_cfg})
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: Server | None = None
@@ -57,6 +57,12 @@ class ServerThread:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (…/v1 is the openai client's base_url)."""
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.http_port}"
 
     def client(self, timeout: float | None = 60) -> Client:
         return Client(self.address, timeout=timeout)
@@ -91,6 +97,8 @@ def serve_process(log_path: Path, *args: str, new_session: bool = False,
     """`python -m ecserve serve ARGS` in the background, its unbuffered output in log_path;
     new_session: in a process group of its own (to signal the whole group); environ: its
     environment (default: this process's)."""
+    if not {"--http-port", "--no-http"} & set(args):  # never the fixed default port in tests
+        args = (*args, "--http-port", "0")
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, "-m", "ecserve", "serve", *args], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=new_session,

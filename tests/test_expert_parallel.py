@@ -204,7 +204,7 @@ def test_a_lost_worker_fails_fast_and_the_server_exits_1(make_model, tmp_path, b
     cmd = [sys.executable, "-m", "ecserve", "serve", "--model", str(model), "--host",
            "127.0.0.1", "--port", str(port), "--no-metrics", "--device", "cpu", "--dtype",
            "float32", "--kv-cache-bytes", str(1 << 22), "--torch-threads", "1",
-           "--expert-parallel", "2"]
+           "--expert-parallel", "2", "--http-port", "0"]
     proc = start_serving(cmd, address, log_path, env)
     try:
         (worker,) = workers(proc.pid)
@@ -272,7 +272,7 @@ def test_serve_expert_parallel_streams_the_single_process_tokens(make_model, tmp
     serve_args = ["serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
                   "--metrics-port", str(metrics_port), "--device", "cpu", "--dtype", "float32",
                   "--kv-cache-bytes", str(1 << 22), "--torch-threads", "1",
-                  "--placement", str(plan)]
+                  "--placement", str(plan), "--http-port", "0"]
     if launcher == "spawn":
         cmd = [sys.executable, "-m", "ecserve", *serve_args, "--expert-parallel", "2"]
     else:  # one machine here; several machines take the same command with --nnodes etc.
@@ -332,7 +332,7 @@ def test_serve_placement_is_checked_before_anything_starts(make_model, tmp_path,
     plan = save_plan(default_placement(read_config(model), 2), tmp_path / "plan.json")
     other = save_plan(default_placement(read_config(make_model()), 2), tmp_path / "other.json")
     base = ["serve", "--model", str(model), "--device", "cpu", "--torch-threads", "2",
-            "--port", "0", "--metrics-port", "0"]
+            "--port", "0", "--metrics-port", "0", "--http-port", "0"]
     cases = [
         (["--placement", str(plan)], "--placement needs --expert-parallel"),
         (["--expert-parallel", "3", "--placement", str(plan)],

@@ -315,7 +315,8 @@ def test_health_cli_with_nothing_listening():
 
 def _serve_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "ecserve", "serve", "--no-warmup", *args],
+    return subprocess.run([sys.executable, "-m", "ecserve", "serve", "--no-warmup",
+                           "--http-port", "0", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

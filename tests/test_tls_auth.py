@@ -129,7 +129,8 @@ def test_api_keys_unauthenticated_without_one_and_health_stays_open(engine, pki)
                 assert len(list(c.stream("hi", max_new_tokens=3))) >= 1
                 assert c.model_info().vocab_size > 0
         text = s.server.metrics.exposition().decode()
-        assert 'ecserve_requests_rejected_total{code="UNAUTHENTICATED"} 12.0' in text
+        assert ('ecserve_requests_rejected_total{code="UNAUTHENTICATED",protocol="grpc"} 12.0'
+                in text)
         # grpcurl: reflection needs the key by default, health does not.
         listed = subprocess.run([str(GRPCURL), "-plaintext", s.address, "list"],
                                 capture_output=True, text=True, timeout=60)

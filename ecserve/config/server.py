@@ -24,7 +24,8 @@ def parse_services(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The gRPC server: where it listens, how it drains, and the limits on what a request asks."""
+    """The server: where gRPC and the HTTP API listen, how it drains, and the limits on what a
+    request asks."""
 
     host: str = "127.0.0.1"
     """Listen address; 0.0.0.0 (or [::]) takes outside connections (the container's)."""
@@ -46,7 +47,15 @@ class ServerConfig:
     (make it longer than the longest generation)."""
     max_request_bytes: int = field(default=1 << 20, metadata=flag(metavar="BYTES"))
     """Largest request message in bytes: larger ones get INVALID_ARGUMENT naming the field
-    (4x larger: refused by gRPC itself)."""
+    (4x larger: refused by gRPC itself), or HTTP 413."""
+    http: bool = True
+    """Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...)
+    beside gRPC, on the same engine."""
+    http_port: int = 8000
+    """Port of the OpenAI-compatible HTTP API (on host); 0: any free port."""
+    chat_template: str | None = field(default=None, metadata=flag(metavar="FILE"))
+    """Jinja chat template for /v1/chat/completions (a file, or a shipped one: plain);
+    default: the model directory's, if it has one."""
     default_max_new_tokens: int = 16
     """max_new_tokens of a request that does not say (as OpenAI's and vLLM's APIs)."""
     max_stop_sequences: int = 8
@@ -66,14 +75,16 @@ class ServerConfig:
     expert_metrics: ExpertMetrics = "full"
     """Per-expert series: full (each expert) | aggregate (summed per MoE layer) | off."""
     tls_cert_file: str | None = field(default=None, metadata=flag(metavar="PEM"))
-    """Serve gRPC over TLS with this PEM certificate chain (with tls_key_file)."""
+    """Serve gRPC and the HTTP API over TLS with this PEM certificate chain (with
+    tls_key_file)."""
     tls_key_file: str | None = field(default=None, metadata=flag(metavar="PEM"))
     """The TLS certificate's PEM private key."""
     tls_client_ca_file: str | None = field(default=None, metadata=flag(metavar="PEM"))
     """Mutual TLS: refuse clients without a certificate signed by this CA."""
     api_key_file: str | None = field(default=None, metadata=flag(metavar="PATH"))
-    """Require the metadata 'authorization: Bearer <key>' with one of this file's keys (one
-    per line); others get UNAUTHENTICATED."""
+    """Require 'authorization: Bearer <key>' (gRPC metadata, HTTP header) with one of this
+    file's keys (one per line); others get UNAUTHENTICATED (HTTP 401). The HTTP API's /health,
+    /version and /metrics need none."""
     open_services: tuple[str, ...] = field(default=("health",), metadata=flag(
         metavar="LIST", parse=parse_services, default_text="health"))
     """With api_key_file, the services that need no key: health, reflection, both
@@ -88,7 +99,7 @@ class ServerConfig:
                               "and tls_key_file too", field="tls_client_ca_file")
         for name in self.open_services:
             check_choice("open_services", name, OPEN_SERVICES)
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ConfigError(f"{name} must be in [0, 65535], got {getattr(self, name)}",
                                   field=name)

@@ -23,9 +23,12 @@ from ecserve.metrics import Metrics
 from ecserve.security import read_api_keys
 from ecserve.server.async_engine import AsyncEngine
 from ecserve.server.auth import ApiKeyInterceptor, server_credentials
+from ecserve.server.chat_template import ChatTemplate, load_chat_template
 from ecserve.server.core_client import EngineCoreClient
 from ecserve.server.http import HttpEndpoints
+from ecserve.server.http_listener import HttpListener
 from ecserve.server.live import LiveEngine
+from ecserve.server.openai_app import OpenAIApp
 from ecserve.server.servicer import SERVICE, GenerationServicer
 from ecserve.types import Request, SamplingParams
 
@@ -58,9 +61,13 @@ class Server:
         self.port = self.metrics_port = 0
         self.health = health.aio.HealthServicer()
         interceptors = []
-        if cfg.api_key_file is not None:
-            interceptors.append(ApiKeyInterceptor(read_api_keys(cfg.api_key_file),
-                                                  cfg.open_services, self._refused_key))
+        keys = read_api_keys(cfg.api_key_file) if cfg.api_key_file is not None else ()
+        if keys:
+            interceptors.append(ApiKeyInterceptor(keys, cfg.open_services, self._refused_key))
+        # The OpenAI-compatible API, on its own port of this process and event loop.
+        self.openai = OpenAIApp(cfg, self._ready, keys)
+        self._api: HttpListener | None = None
+        self.http_port = 0
         self._credentials = (server_credentials(cfg.tls_cert_file, cfg.tls_key_file,
                                                 cfg.tls_client_ca_file)
                              if cfg.tls_cert_file and cfg.tls_key_file else None)
@@ -104,17 +111,47 @@ class Server:
             raise OSError(f"{refused} ({e})") from None
         if self.cfg.metrics:
             self._start_http()
+        if self.cfg.http:
+            self._start_api()
         await self.grpc.start()
         log.info("health NOT_SERVING on %s:%d while the model loads", self.cfg.host, self.port)
         live = await self._start_engine()
         live.on_lost = self._engine_lost
+        template = self._chat_template(live)
         if self.cfg.warmup:
             await self._warmup(live)
         self._start_metrics(live)
         self.servicer.engine = live
+        self.openai.attach(live, template)
         await self._set_health(SERVING)
-        log.info("serving model %s on %s:%d", live.info.model_name, self.cfg.host, self.port)
+        log.info("serving model %s on %s:%d (gRPC)%s", live.info.model_name, self.cfg.host,
+                 self.port, "" if self._api is None else
+                 f" and {self._api.scheme}://{self.cfg.host}:{self.http_port} (HTTP API)")
         return self.port
+
+    def _start_api(self) -> None:
+        """The OpenAI-compatible API's port, bound now: /health answers 503 while loading."""
+        cfg = self.cfg
+        self._api = HttpListener(self.openai, cfg.host, cfg.http_port, reuse_port=cfg.reuse_port,
+                                 cert_file=cfg.tls_cert_file, key_file=cfg.tls_key_file,
+                                 client_ca_file=cfg.tls_client_ca_file)
+        self._api.start()
+        self.http_port = self._api.port
+
+    def _chat_template(self, live: LiveEngine) -> ChatTemplate | None:
+        info = live.info
+        tokenizer = info.tokenizer
+
+        def special(token_id: int | None) -> str:
+            text = getattr(tokenizer, "token_text", None)
+            return text(token_id) if text is not None and token_id is not None else ""
+
+        template = load_chat_template(self.cfg.chat_template, info.model_dir,
+                                      special(info.model_cfg.bos_token_id),
+                                      special(info.model_cfg.eos_token_id))
+        if template is not None:
+            log.info("chat template: %s", template.origin)
+        return template
 
     async def _start_engine(self) -> LiveEngine:
         if isinstance(self._source, EngineCoreClient):
@@ -133,7 +170,7 @@ class Server:
         exchange = live.expert_traffic if live.expert_traffic() is not None else None
         self.metrics = Metrics(info.model_cfg, info.device, self.cfg.expert_metrics,
                                info.held_experts, exchange, core_pid=live.core_pid)
-        live.observer = self.servicer.metrics = self.metrics
+        live.observer = self.servicer.metrics = self.openai.metrics = self.metrics
 
     def _start_http(self) -> None:
         """/metrics, /healthz, /readyz: bound now, so probes answer while the model loads."""
@@ -180,7 +217,7 @@ class Server:
 
     def _refused_key(self) -> None:
         if self.metrics is not None:
-            self.metrics.reject("UNAUTHENTICATED")
+            self.metrics.reject("UNAUTHENTICATED", "grpc")
 
     def _engine_lost(self, reason: str) -> None:
         log.critical("the engine can run no further step (%s); stopping with exit code 1",
@@ -194,6 +231,8 @@ class Server:
     async def close(self) -> None:
         """After a failed start: stop whatever had started, at once (nothing was served)."""
         await self.grpc.stop(None)
+        if self._api is not None:
+            await self._api.stop()
         if self.engine is not None:
             await self.engine.stop()
         if self._http is not None:
@@ -210,7 +249,7 @@ class Server:
             log.info("NOT_SERVING; still taking requests for the drain delay (%.1f s)", delay)
             with contextlib.suppress(asyncio.TimeoutError):  # a second signal ends it early
                 await asyncio.wait_for(self.stop_now.wait(), delay)
-        self.servicer.draining = True
+        self.servicer.draining = self.openai.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         live = self.engine
@@ -225,6 +264,8 @@ class Server:
                 live.cancel_all()
         # Handlers that already hold their last event get a moment to send it.
         await self.grpc.stop(grace=1.0)
+        if self._api is not None:
+            await self._api.stop()
         if live is not None:
             await live.stop()
         if self._http is not None:  # last, so a final scrape sees the drain

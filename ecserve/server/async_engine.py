@@ -44,7 +44,7 @@ class AsyncEngine:
         self.engine = engine
         self.info = EngineInfo(engine.model_name, engine.model_cfg, engine.tokenizer,
                                engine.max_model_len, engine.dtype_name, str(engine.device),
-                               engine.runner.held_experts())
+                               engine.runner.held_experts(), engine.model_dir)
         self._lock = threading.Lock()
         self._inbox = _Inbox()
         self._work = threading.Event()  # set when the inbox has something

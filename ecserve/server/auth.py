@@ -31,6 +31,17 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None
                                        require_client_auth=ca is not None)
 
 
+def bearer_allowed(header: bytes | None, keys: Sequence[bytes]) -> bool:
+    """Whether an `authorization` value is `Bearer <one of keys>` (gRPC metadata or HTTP)."""
+    if header is None:
+        return False
+    scheme, _, key = header.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    # Every key compared, match or not: the time taken says nothing about which matched.
+    return sum(hmac.compare_digest(key.strip(), k) for k in keys) > 0
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without a valid `authorization: Bearer <key>` (UNAUTHENTICATED)."""
 
@@ -43,14 +54,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     def allowed(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
         given = next((v for k, v in metadata or () if k == "authorization"), None)
-        if given is None:
-            return False
-        token = given.encode() if isinstance(given, str) else given
-        scheme, _, key = token.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        # Every key compared, match or not: the time taken says nothing about which matched.
-        return sum(hmac.compare_digest(key.strip(), k) for k in self.keys) > 0
+        return bearer_allowed(given.encode() if isinstance(given, str) else given, self.keys)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],

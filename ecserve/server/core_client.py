@@ -167,7 +167,7 @@ class EngineCoreClient:
         mc = r.model_cfg
         tokenizer = load_tokenizer(self.model_dir, mc.tokenizer, mc.bos_token_id, mc.eos_token_id)
         self.info = EngineInfo(r.model_name, mc, tokenizer, r.limits.max_model_len, r.dtype,
-                               r.device, r.held_experts)
+                               r.device, r.held_experts, self.model_dir)
         self._text = TextStage(tokenizer)
         self._reader = asyncio.ensure_future(self._read())
         log.info("engine core running in process %d", r.pid)

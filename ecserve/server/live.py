@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from ecserve.config import ModelConfig
@@ -28,6 +29,7 @@ class EngineInfo:
     dtype_name: str
     device: str
     held_experts: int  # expert weights this replica's engine holds (rank 0's share under EP)
+    model_dir: Path  # where the model was read from (its chat template, if any)
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt text -> ids, with the model's BOS token first when it has one."""

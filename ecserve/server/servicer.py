@@ -7,7 +7,6 @@ message is answered with INVALID_ARGUMENT naming its field, not gRPC's generic e
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import NoReturn, TypeVar
@@ -27,12 +26,11 @@ from ecserve.server.convert import (
     to_request,
 )
 from ecserve.server.live import EngineInfo, Item, LiveEngine
+from ecserve.server.request_log import log_finished, log_rejected
 from ecserve.types import FinishReason, Request
 from ecserve.v1 import generation_pb2 as pb
-from ecserve.wording import counted
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-log = logging.getLogger("ecserve.requests")
 M = TypeVar("M", bound=Message)
 PARSE_INLINE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
 
@@ -123,6 +121,8 @@ class GenerationServicer:
                                proto_message(e, bool(msg.prompt_token_ids)))
         except QueueFullError as e:
             await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        if self.metrics is not None:
+            self.metrics.receive("grpc")
         return live, request, ResponseBuilder(request, msg.response, info.tokenizer.decode), queue
 
     async def _parse(self, cls: type[M], raw: bytes) -> M:
@@ -137,7 +137,7 @@ class GenerationServicer:
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {item}")
 
     def _log(self, request: Request, builder: ResponseBuilder) -> None:
-        self._line(request, builder.generated,
+        log_finished(request, builder.generated,
                    builder.finish.value if builder.finish else "unfinished")
 
     def _log_unfinished(self, request: Request, generated: int,
@@ -145,13 +145,8 @@ class GenerationServicer:
         """The line of a request its client ended: cancelled, or past its deadline (gRPC
         cancels the handler either way; the time left tells them apart)."""
         left = context.time_remaining()
-        self._line(request, generated, "deadline exceeded" if left is not None and left <= 0
+        log_finished(request, generated, "deadline exceeded" if left is not None and left <= 0
                    else "cancelled by the client")
-
-    @staticmethod
-    def _line(request: Request, generated: int, outcome: str) -> None:
-        log.info("request %s: %s, %d generated, %s", request.request_id,
-                 counted(len(request.prompt_token_ids), "prompt token"), generated, outcome)
 
     # ------------------------------------------------------------------ the rest
 
@@ -187,9 +182,8 @@ class GenerationServicer:
     async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode,
                       message: str) -> NoReturn:
         if self.metrics is not None:
-            self.metrics.reject(code.name)
-        # One line per refusal, as per finished request: an operator sees who is turned away.
-        log.info("rejected %s from %s: %s", code.name, context.peer(), message[:300])
+            self.metrics.reject(code.name, "grpc")
+        log_rejected(code.name, context.peer(), message)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
