@@ -87,6 +87,37 @@ def test_closed_loop(server):
     assert result.model_info["vocab_size"] == 258
 
 
+def http(server: ServerThread, **kw) -> LoadTestConfig:
+    return cfg(server, protocol="http", address=f"127.0.0.1:{server.server.http_port}", **kw)
+
+
+def test_the_same_workload_over_the_http_api(server):
+    result = run_load_test(http(server, concurrency=3, warmup_requests=2), progress=False)
+    check_consistent(result)
+    m = result.metrics
+    assert result.sent == 12 and m["completed"] == 12 and result.errors == {}
+    assert m["total_input"] == 12 * 12 and m["total_output"] == 12 * 6  # counted by the usage
+    assert all(r.output_tokens == 6 and r.stop_reason == "length" for r in result.requests)
+    assert all(sum(r.chunk_tokens) == 6 for r in result.requests)
+    assert result.max_in_flight == max_overlap(result) == 3
+    assert 0 < m["mean_ttft_ms"] < m["mean_e2el_ms"]
+    assert result.model_info["vocab_size"] == 258 and result.model_info["max_model_len"]
+
+
+def test_http_cancels_after_the_drain_and_counts_refusals(server, model_dir):
+    result = run_load_test(http(server, concurrency=2, num_requests=10_000, output_len=200,
+                                duration=0.5, drain_timeout=0.0), progress=False)
+    check_consistent(result)
+    assert result.errors.get("CANCELLED", 0) >= 1
+    server.wait_until(lambda: server.server.engine.num_live == 0, timeout=10)
+    engine = Engine(model_dir, EngineConfig(device="cpu", max_num_seqs=1, max_waiting=1))
+    with ServerThread(engine) as s:
+        result = run_load_test(http(s, request_rate=math.inf, num_requests=20, output_len=20),
+                               progress=False)
+    check_consistent(result)
+    assert set(result.errors) == {"HTTP_429"} and result.errors["HTTP_429"] >= 10
+
+
 def test_open_loop_with_in_flight_cap(server):
     result = run_load_test(cfg(server, request_rate=math.inf, num_requests=16,
                                max_in_flight=4, input_len=None,

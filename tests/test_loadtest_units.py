@@ -146,15 +146,21 @@ def test_target_verdicts():
     assert v[2].line().startswith("FAIL  max_p99_ttft_ms: p99_ttft_ms = 600")
 
 
-def test_request_message_asks_for_exact_lengths_and_no_token_ids():
-    from ecserve.loadtest.runner import request_message
+def test_requests_ask_for_exact_lengths_and_no_token_ids_over_both_protocols():
+    from ecserve.loadtest.transport import grpc_request, http_body
     from ecserve.loadtest.workload import RequestSpec
 
-    msg = request_message(RequestSpec((256, 5, 6), 9, 3), LoadTestConfig(), 0)
+    msg = grpc_request(RequestSpec((256, 5, 6), 9, 3), LoadTestConfig(), 0)
     assert list(msg.prompt_token_ids) == [256, 5, 6] and not msg.prompt
     assert msg.stopping.max_new_tokens == 9 and msg.stopping.ignore_eos
     assert not msg.response.token_ids and not msg.response.logprobs
     assert not msg.sampling.HasField("seed")  # greedy: no seed needed
-    sampled = request_message(RequestSpec("hi", 2, None), LoadTestConfig(temperature=0.7,
-                                                                         seed=5), 3)
+    sampled = grpc_request(RequestSpec("hi", 2, None), LoadTestConfig(temperature=0.7,
+                                                                      seed=5), 3)
     assert sampled.prompt == "hi" and sampled.sampling.seed == 8  # seed + index: reproducible
+    body = http_body(RequestSpec((256, 5, 6), 9, 3), LoadTestConfig(), 0)
+    assert body["prompt"] == [256, 5, 6] and body["max_tokens"] == 9 and body["ignore_eos"]
+    assert body["temperature"] == 0 and "seed" not in body and "logprobs" not in body
+    assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert http_body(RequestSpec("hi", 2, None), LoadTestConfig(temperature=0.7, seed=5),
+                     3)["seed"] == 8

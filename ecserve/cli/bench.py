@@ -41,6 +41,7 @@ class BenchOutputs:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_flags(p, ClientOptions)
+    add_flags(p, LoadTestConfig, only=("protocol",))
     add_flags(p.add_argument_group("load (closed loop of 1 worker unless --concurrency or "
                                    "--request-rate)"), LoadTestConfig, only=LOAD)
     add_flags(p.add_argument_group("requests"), LoadTestConfig, only=REQUESTS)
@@ -61,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from ecserve.loadtest.output import check_writable, result_document, write_json
     from ecserve.loadtest.report import format_report
     from ecserve.loadtest.run import run_load_test
-    from ecserve.loadtest.runner import ServerUnreachable
     from ecserve.loadtest.targets import evaluate
+    from ecserve.loadtest.transport import ServerUnreachable
 
     client, outputs = from_flags(ClientOptions, args), from_flags(BenchOutputs, args)
     cfg = from_flags(LoadTestConfig, args, address=client.address)
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if outputs.plot_dir:
         from ecserve.loadtest.plots import write_plots
 
-        for path in write_plots(result.requests, outputs.plot_dir, f"({cfg.address})"):
+        for path in write_plots(result.requests, outputs.plot_dir, f"({cfg.target()})"):
             print(f"wrote {path}", file=sys.stderr)
     if result.stopped_by == "interrupt":  # reported and written: now the usual Ctrl-C exit
         raise KeyboardInterrupt

@@ -16,7 +16,7 @@ _EXPORTS = {
     "LoadTestConfig": "ecserve.loadtest.config",
     "LoadTestResult": "ecserve.loadtest.records",
     "RequestRecord": "ecserve.loadtest.records",
-    "ServerUnreachable": "ecserve.loadtest.runner",
+    "ServerUnreachable": "ecserve.loadtest.transport",
     "run_load_test": "ecserve.loadtest.run",
 }
 __all__ = list(_EXPORTS)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ecserve.config import SCOPES, Scope
 from ecserve.config.fields import flag
 from ecserve.errors import ConfigError
 from ecserve.security import DEFAULT_ADDRESS
 
+Protocol = Literal["grpc", "http"]
+DEFAULT_HTTP_ADDRESS = "127.0.0.1:8000"
 DEFAULT_INPUT_LEN = 128
 DEFAULT_OUTPUT_LEN = 128
 SLO_NAMES = ("ttft", "tpot", "e2el")  # goodput SLOs, in ms, as vLLM's --goodput
@@ -34,7 +37,11 @@ class LoadTestConfig:
     neither: a closed loop of one worker. Lengths: fixed, uniform ranges, or a prompts file."""
 
     address: str = DEFAULT_ADDRESS
-    """The server's gRPC address."""
+    """The server's gRPC address; with --protocol http, its HTTP API's (default there:
+    127.0.0.1:8000)."""
+    protocol: Protocol = "grpc"
+    """grpc: GenerateStream calls; http: streamed /v1/completions of the OpenAI-compatible API
+    (the same workload, so the two compare)."""
     concurrency: int | None = field(default=None, metadata=flag(metavar="N"))
     """Closed loop: N workers, each sending when its last request ends (default: 1)."""
     request_rate: float | None = field(default=None, metadata=flag(metavar="R"))
@@ -98,6 +105,12 @@ class LoadTestConfig:
         """The fixed (input, output) lengths in force."""
         return (self.input_len if self.input_len is not None else DEFAULT_INPUT_LEN,
                 self.output_len if self.output_len is not None else DEFAULT_OUTPUT_LEN)
+
+    def target(self) -> str:
+        """The HOST:PORT the requests go to."""
+        if self.protocol == "http" and self.address == DEFAULT_ADDRESS:
+            return DEFAULT_HTTP_ADDRESS
+        return self.address
 
     def validate(self) -> None:
         """ConfigError naming the flag of the first bad field."""

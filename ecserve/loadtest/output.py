@@ -34,8 +34,8 @@ def result_document(result: LoadTestResult, cfg: LoadTestConfig,
         "errors": result.errors,
         "targets": None if verdicts is None else [v.to_dict() for v in verdicts],
         "passed": None if verdicts is None else all(v.passed for v in verdicts),
-        "server": {"address": cfg.address, "model_info": result.model_info,
-                   "memory": result.server_memory},
+        "server": {"address": cfg.target(), "protocol": cfg.protocol,
+                   "model_info": result.model_info, "memory": result.server_memory},
         "environment": hardware(),
     }
     if save_requests:

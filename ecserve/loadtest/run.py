@@ -9,18 +9,15 @@ import sys
 import threading
 import time
 
-import grpc
-
 from ecserve.loadtest.config import LoadTestConfig
 from ecserve.loadtest.environment import MemoryWatch, default_metrics_url
 from ecserve.loadtest.progress import Progress
 from ecserve.loadtest.records import LoadTestResult
-from ecserve.loadtest.runner import Phase, ServerUnreachable
+from ecserve.loadtest.runner import Phase
 from ecserve.loadtest.stats import calculate_metrics, errors_by_code
-from ecserve.loadtest.workload import ModelLimits, build_workload
+from ecserve.loadtest.transport import transport
+from ecserve.loadtest.workload import build_workload
 from ecserve.security import ClientSecurity
-from ecserve.v1 import generation_pb2 as pb
-from ecserve.v1 import generation_pb2_grpc as pb_grpc
 
 
 def run_load_test(cfg: LoadTestConfig, progress: bool | None = None,
@@ -70,27 +67,15 @@ async def _main(cfg: LoadTestConfig, show: bool, security: ClientSecurity) -> Lo
 
 async def _measure(cfg: LoadTestConfig, show: bool, security: ClientSecurity,
                    measured: list[Phase]) -> LoadTestResult:
-    from google.protobuf.json_format import MessageToDict
-
-    async with security.aio_channel(cfg.address) as channel:
-        stub = pb_grpc.GenerationServiceStub(channel)
-        try:
-            info = await stub.ModelInfo(pb.ModelInfoRequest(), timeout=cfg.connect_timeout,
-                                        metadata=security.metadata)
-        except grpc.aio.AioRpcError as e:
-            raise ServerUnreachable(f"cannot reach server at {cfg.address}: "
-                                    f"{e.code().name} {e.details()}") from None
-        limits = ModelLimits(
-            info.vocab_size, info.max_model_len,
-            info.bos_token_id if info.HasField("bos_token_id") else None,
-            info.eos_token_id if info.HasField("eos_token_id") else None)
+    link = transport(cfg, security)
+    try:
+        limits, info = await link.model_info(cfg.connect_timeout)
         specs = build_workload(cfg, limits, cfg.warmup_requests + cfg.num_requests)
         warm, specs = specs[:cfg.warmup_requests], specs[cfg.warmup_requests:]
         warmup_failed = 0
         if warm:
             bar = _bar(show, len(warm), "warmup")
-            phase = Phase(stub, cfg, warm, bar, time.perf_counter() + cfg.duration,
-                          security.metadata)
+            phase = Phase(link, cfg, warm, bar, time.perf_counter() + cfg.duration)
             await phase.run(open_loop=False, workers=1 if cfg.open_loop else cfg.workers)
             warmup_failed = phase.failed
             _close(bar, phase)
@@ -101,8 +86,7 @@ async def _measure(cfg: LoadTestConfig, show: bool, security: ClientSecurity,
         sampler = asyncio.ensure_future(_sample_every(watch, 1.0))
         start_time = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         bar = _bar(show, len(specs), "bench")
-        phase = Phase(stub, cfg, specs, bar, time.perf_counter() + cfg.duration,
-                      security.metadata)
+        phase = Phase(link, cfg, specs, bar, time.perf_counter() + cfg.duration)
         measured.append(phase)
         try:
             await phase.run(cfg.open_loop, cfg.workers)
@@ -111,6 +95,8 @@ async def _measure(cfg: LoadTestConfig, show: bool, security: ClientSecurity,
             sampler.cancel()
         duration = max((r.end for r in phase.records), default=time.perf_counter() - phase.t0)
         await asyncio.to_thread(watch.sample)
+    finally:
+        await link.close()
 
     return LoadTestResult(
         metrics={**calculate_metrics(phase.records, duration, cfg.goodput),
@@ -118,8 +104,7 @@ async def _measure(cfg: LoadTestConfig, show: bool, security: ClientSecurity,
         errors=errors_by_code(phase.records), requests=phase.records, sent=len(phase.records),
         max_in_flight=phase.max_in_flight, start_time=start_time, stopped_by=phase.stopped_by,
         warmup_failed=warmup_failed,
-        model_info=MessageToDict(info, preserving_proto_field_name=True,
-                                 always_print_fields_with_no_presence=True),
+        model_info=info,
         server_memory=watch.summary(),
     )
 

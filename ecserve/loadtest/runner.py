@@ -1,44 +1,25 @@
-"""The load generator: grpc.aio streams in a closed or open loop, one record per request."""
+"""The load generator: streams in a closed or open loop, one record per request, over a
+Transport (gRPC or the HTTP API)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import Any
 
-import grpc
-
-from ecserve.client import build_request
 from ecserve.loadtest.config import LoadTestConfig
 from ecserve.loadtest.progress import Progress
 from ecserve.loadtest.records import RequestRecord
+from ecserve.loadtest.transport import FAILED_STOPS, CallFailed, Transport
 from ecserve.loadtest.workload import RequestSpec, arrival_offsets
-from ecserve.v1 import generation_pb2 as pb
-
-_FAILED_STOPS = ("STOP_REASON_CANCELLED", "STOP_REASON_ERROR")
-
-
-def request_message(spec: RequestSpec, cfg: LoadTestConfig, index: int) -> pb.GenerateRequest:
-    """A stream that yields exactly spec.output_len tokens (EOS ignored), no token ids back."""
-    return build_request(spec.prompt, max_new_tokens=spec.output_len, ignore_eos=True,
-                         token_ids=False, temperature=cfg.temperature,
-                         seed=cfg.seed + index if cfg.temperature else None,
-                         routing_scope=cfg.routing_scope)
-
-
-class ServerUnreachable(RuntimeError):
-    """The ModelInfo call at the start failed: nothing is measured."""
 
 
 class Phase:
     """Sends one list of requests (the warm-up, or the measured run) and records them."""
 
-    def __init__(self, stub: Any, cfg: LoadTestConfig, specs: Sequence[RequestSpec],
-                 progress: Progress | None, stop_at: float,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self.stub, self.cfg, self.specs, self.progress = stub, cfg, specs, progress
-        self.metadata = metadata  # the API key, when the server asks for one
+    def __init__(self, transport: Transport, cfg: LoadTestConfig, specs: Sequence[RequestSpec],
+                 progress: Progress | None, stop_at: float) -> None:
+        self.transport, self.cfg, self.specs, self.progress = transport, cfg, specs, progress
         self.stop_at = stop_at  # perf_counter time after which nothing more is sent
         self.t0 = time.perf_counter()
         self.records: list[RequestRecord] = []
@@ -74,46 +55,41 @@ class Phase:
         return task
 
     async def _request(self, spec: RequestSpec, rec: RequestRecord) -> None:
-        req = request_message(spec, self.cfg, rec.index)
         st = time.perf_counter()
         rec.start = st - self.t0
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        call = self.stub.GenerateStream(req, timeout=self.cfg.timeout,
-                                        metadata=self.metadata or None)
         count, last = 0, st
         try:
-            async for msg in call:
+            async for chunk in self.transport.stream(spec, self.cfg, rec.index):
                 now = time.perf_counter()
-                if msg.input_token_count:
-                    rec.input_len = msg.input_token_count
-                if msg.stop_reason:
-                    rec.stop_reason = pb.StopReason.Name(msg.stop_reason)
-                new = msg.generated_token_count - count
+                if chunk.input_tokens:
+                    rec.input_len = chunk.input_tokens
+                if chunk.stop_reason:
+                    rec.stop_reason = chunk.stop_reason
+                new = chunk.generated - count
                 if new > 0:
                     if count == 0:
                         rec.ttft = now - st
                     else:
                         rec.itl.append(now - last)
-                    last, count = now, msg.generated_token_count
+                    last, count = now, chunk.generated
                     rec.chunk_times.append(now - self.t0)
                     rec.chunk_tokens.append(new)
             rec.output_tokens, rec.latency = count, last - st
-            if rec.stop_reason in _FAILED_STOPS or count == 0:
+            if rec.stop_reason in FAILED_STOPS or count == 0:
                 rec.error = rec.stop_reason or "NO_TOKENS"
             else:
                 rec.success = True
-        except grpc.aio.AioRpcError as e:
-            rec.error, rec.detail = e.code().name, e.details() or ""
-        except asyncio.CancelledError:
-            call.cancel()
+        except CallFailed as e:
+            rec.error, rec.detail = e.code, e.detail
+        except asyncio.CancelledError:  # the stream's own cleanup cancelled the call
             if not rec.cancelled_by_us:
                 raise
             rec.error, rec.detail = "CANCELLED", ("cancelled by an interrupt (Ctrl-C)"
                                                   if self.interrupted.is_set() else
                                                   "still running when the drain timeout ran out")
         except Exception as e:  # anything else still counts, so sent = succeeded + failed
-            call.cancel()
             rec.error, rec.detail = "CLIENT_ERROR", f"{type(e).__name__}: {e}"
         finally:
             rec.end = time.perf_counter() - self.t0

@@ -240,8 +240,12 @@ class OpenAIApp:
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         info = self._serving().info
+        mc = info.model_cfg
+        # ecserve's extras after vLLM's fields: what a load generator needs to build prompts.
         card = {"id": info.model_name, "object": "model", "created": 0, "owned_by": "ecserve",
-                "root": info.model_name, "parent": None, "max_model_len": info.max_model_len}
+                "root": info.model_name, "parent": None, "max_model_len": info.max_model_len,
+                "vocab_size": mc.vocab_size, "bos_token_id": mc.bos_token_id,
+                "eos_token_id": mc.eos_token_id}
         await _respond(send, 200, _encode({"object": "list", "data": [card]}), JSON)
 
     async def _tokenize(self, scope: Scope, receive: Receive, send: Send) -> None:

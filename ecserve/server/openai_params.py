@@ -60,6 +60,7 @@ class Call:
     prompt_texts: tuple[str | None, ...]  # per prompt, for echo (None: given as ids)
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    continuous_usage: bool  # vLLM's stream_options.continuous_usage_stats: usage on each
     echo: bool  # completions: the prompt comes before the text
     logprobs: int | None  # alternatives per token, when log-probabilities were asked for
     prompt_logprobs: int | None  # vLLM's extra: each choice's prompt tokens' log-probabilities
@@ -320,6 +321,7 @@ def parse_call(raw: Any, kind: Kind, cfg: ServerConfig, model: str, max_model_le
     if not isinstance(options, dict):
         raise bad("stream_options", "must be an object")
     include_usage = Body(options).boolean("include_usage")
+    continuous_usage = Body(options).boolean("continuous_usage_stats")
     echo = kind == "completion" and body.boolean("echo")
     logprobs, prompt_logprobs = _logprobs(body, kind, cfg)
     if echo and logprobs is not None and prompt_logprobs is None:
@@ -346,7 +348,7 @@ def parse_call(raw: Any, kind: Kind, cfg: ServerConfig, model: str, max_model_le
                 _with_seed(params, choice_seed), scope, arrival_time=arrival))
     return Call(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + prefix, model,
                 int(time.time()), tuple(requests), n, tuple(t for _, t in prompts), stream,
-                include_usage, echo, logprobs, prompt_logprobs)
+                include_usage, continuous_usage, echo, logprobs, prompt_logprobs)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -201,7 +201,9 @@ class Shaper:
             choice["prompt_logprobs"] = self.prompt_logprobs(index)
         out = {"id": call.id, "object": self.object + ".chunk" if self.chat else self.object,
                "created": call.created, "model": call.model, "choices": [choice]}
-        if call.include_usage:
+        if call.continuous_usage:
+            out["usage"] = self.usage()
+        elif call.include_usage:
             out["usage"] = None
         return out
 
