@@ -354,6 +354,49 @@ def bench_serving(results: list[Result]) -> list[Section]:
     return sections
 
 
+def http_api(results: list[Result]) -> list[Section]:
+    blocks = []
+    for res in results:
+        s, parts = res.data["summary"], []
+        if "http_over_grpc_tok_s_at_32" in s:
+            parts.append(table(
+                ["protocol", "output tok/s, 1 stream", "32 streams", "median TTFT, 1 stream",
+                 "32 streams"],
+                [[name, num(s[f"{p}_tok_s_at_1"]), num(s[f"{p}_tok_s_at_32"]),
+                  f"{s[f'{p}_median_ttft_ms_at_1']:.1f} ms",
+                  f"{s[f'{p}_median_ttft_ms_at_32']:.1f} ms"]
+                 for p, name in (("grpc", "gRPC"), ("http", "HTTP API"))]))
+            parts.append(para(
+                f"HTTP / gRPC output tok/s at 32 streams: "
+                f"{times(s['http_over_grpc_tok_s_at_32'], 3)} (goal >= 0.95); HTTP - gRPC "
+                f"median TTFT at 1 stream: {s['http_minus_grpc_ttft_ms_at_1']:+.2f} ms (goal "
+                "within 2 ms)."))
+        if "guidellm_tok_s" in s:
+            w = res.data["config"]["guidellm_workload"]
+            parts.append(table(
+                ["load generator", "output tok/s", "its tok/s / the server's view",
+                 "server's mean request latency"],
+                [[name, num(s[f"{key}_tok_s"]), times(s[f"{key}_over_server_view"], 3),
+                  f"{s[f'server_mean_e2e_ms_under_{key}']:.0f} ms"]
+                 for key, name in (("guidellm", "guidellm"),
+                                   ("ecserve_bench_http", "`ecserve bench --protocol http`"))]))
+            parts.append(para(
+                f"The same workload ({w['concurrency']} streams, {w['requests']} requests, "
+                f"{w['prompt_tokens']}-token prompts, {w['output_tokens']} tokens out): "
+                f"guidellm / ecserve bench = {times(s['guidellm_over_ecserve_bench'], 3)} (goal "
+                "within 10%). \"The server's view\" is streams x tokens / the server's own mean "
+                "request latency over that run (its /metrics)."))
+        blocks.append(caption(res, results) + "\n\n".join(parts))
+    what = (
+        "One `ecserve serve` (the engine core in its own process) loaded over gRPC and over the "
+        "OpenAI-compatible HTTP API in turn by `ecserve bench`'s closed loop (16 prompt tokens, "
+        "`output_len` new ones; the order alternating each round; medians over rounds), and "
+        "guidellm against `ecserve bench --protocol http` on one workload, alternating. The "
+        "load generators run on the server's machine.")
+    return [Section("The HTTP API against gRPC, and guidellm (`bench_http_api.py`)", what,
+                    results, blocks)]
+
+
 SOAK_KINDS = {"complete": "read to the end", "cancel": "cancel after a few tokens",
               "deadline": "a deadline of 0.05-2 s", "slow": "read slowly"}
 SOAK_PROCESSES = {"process_resident_memory_bytes": "front end",
@@ -608,6 +651,7 @@ RENDERERS: dict[str, Renderer] = {
     "bench_seed_claim": seed_claim,
     "soak": soak,
     "bench_serving": bench_serving,
+    "bench_http_api": http_api,
     "bench_expert_timing": expert_timing,
     "bench_expert_parallel": expert_parallel,
     "bench_vs_transformers": vs_transformers,
