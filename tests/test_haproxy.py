@@ -1,6 +1,6 @@
-"""Two ecserve replicas behind HAProxy (deploy/haproxy/haproxy.cfg), checked on /readyz:
-calls spread over both, and every call of a load succeeds while one replica is drained by
-SIGTERM. Loopback only."""
+"""Two ecserve replicas behind HAProxy (deploy/haproxy/haproxy.cfg), checked on /readyz (gRPC)
+and /health (the HTTP API): calls spread over both, and every call of a load, over either
+protocol, succeeds while one replica is drained by SIGTERM. Loopback only."""
 
 from __future__ import annotations
 
@@ -28,13 +28,17 @@ def test_haproxy_checks_readyz_and_rides_out_a_drain(make_model, tmp_path):
     try:
         for r in replicas:
             r.wait_serving()
-        port = free_port()
+        port, http_port = free_port(), free_port()
         servers = "\n".join(f"    server {n} 127.0.0.1:{r.port} proto h2 check port "
                             f"{r.metrics_port} check-proto h1"
                             for n, r in zip("ab", replicas, strict=True))
+        http_servers = "\n".join(f"    server {n} 127.0.0.1:{r.http_port} check"
+                                 for n, r in zip("ab", replicas, strict=True))
         config = tmp_path / "haproxy.cfg"
         config.write_text(CONFIG.read_text().replace("@LISTEN_PORT@", str(port))
-                          .replace("@SERVERS@", servers))
+                          .replace("@HTTP_LISTEN_PORT@", str(http_port))
+                          .replace("@SERVERS@", servers)
+                          .replace("@HTTP_SERVERS@", http_servers))
         check = subprocess.run(["haproxy", "-c", "-f", str(config)], capture_output=True,
                                text=True, timeout=30)
         assert check.returncode == 0, check.stdout + check.stderr
@@ -57,13 +61,24 @@ def test_haproxy_checks_readyz_and_rides_out_a_drain(make_model, tmp_path):
         assert outcome(tmp_path, "steady") == {"sent": 40, "succeeded": 40, "failed": 0}
         assert all(r.finished() > 0 for r in replicas)  # both took work
 
+        http_address = f"127.0.0.1:{http_port}"
+        run = bench(http_address, tmp_path, "http-steady", 20, 16, "http")
+        assert run.wait(timeout=300) == 0, log.read_text()
+        assert outcome(tmp_path, "http-steady") == {"sent": 20, "succeeded": 20, "failed": 0}
+        assert sum(r.finished() for r in replicas) == 60
+
+        # Both protocols at once through the drain.
         run = bench(address, tmp_path, "sigterm", 120, 32)
+        http_run = bench(http_address, tmp_path, "http-sigterm", 60, 32, "http")
         time.sleep(2)
         replicas[0].proc.send_signal(signal.SIGTERM)
         assert replicas[0].proc.wait(timeout=60) == 0
         run.wait(timeout=300)
+        http_run.wait(timeout=300)
         assert outcome(tmp_path, "sigterm") == {"sent": 120, "succeeded": 120, "failed": 0}, (
             log.read_text())
+        assert outcome(tmp_path, "http-sigterm") == {"sent": 60, "succeeded": 60,
+                                                     "failed": 0}, log.read_text()
     finally:
         if proxy is not None:
             proxy.kill()

@@ -43,7 +43,11 @@ def test_the_deployment_stops_and_probes_a_replica_right():
     # Deleting a pod: the preStop pause, then the drain's grace; the kill comes after both.
     pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] > pause + arg(c["args"], "--grace-period")
-    assert c["readinessProbe"]["grpc"]["port"] == 50051
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in c["ports"]
+    (service,) = [d for d in docs() if d["kind"] == "Service" and d["metadata"]["name"] ==
+                  "ecserve"]
+    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "http", "metrics"}
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     # Non-root, read-only root filesystem, a writable /tmp for the engine core's sockets.
