@@ -118,3 +118,17 @@ def test_the_shipped_model_writes_python():
     (out,) = llm.generate(["def read_file(path):"], SamplingParams(max_new_tokens=48))
     text = "def read_file(path):" + out.text
     assert "\n    " in text and "return" in text, text  # an indented body that returns
+
+
+def test_transformers_autotokenizer_loads_the_shipped_tokenizer():
+    """Tools built on transformers (guidellm, lm-eval) load it from the model directory."""
+    from transformers import AutoTokenizer
+
+    from ecserve.tokenizer import load_tokenizer
+
+    d = default.default_model_dir()
+    ours = load_tokenizer(d, "huggingface", 0, 1)
+    theirs = AutoTokenizer.from_pretrained(str(d))
+    text = "def read_file(path):\n    return open(path).read()\n"
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (0, 1)

@@ -231,3 +231,96 @@ def test_a_client_that_never_reads(server):
     call.cancel()
     ch.close()
     _wait_idle(server)
+
+
+# ---------------------------------------------------------------------- the HTTP API
+
+
+def _http(s: ServerThread, body: bytes, headers: dict[str, str] | None = None,
+          path: str = "/v1/completions") -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", s.server.http_port, timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json",
+                                                       **(headers or {})})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+HTTP_BODIES = {
+    "malformed JSON": (b'{"prompt": "a", ', 400),
+    "not an object": (b'"just a string"', 400),
+    "wrong types": (b'{"prompt": {"a": 1}, "max_tokens": "many"}', 400),
+    "nested garbage": (b"[" * 100_000, 400),
+    "invalid UTF-8": (b'{"prompt": "\xff\xfe"}', 400),
+    "10,000 stop strings": (('{"prompt": "a", "stop": [' + ",".join(['"x"'] * 10_000)
+                             + "]}").encode(), 400),
+    "a huge stop string": (('{"prompt": "a", "stop": "' + "x" * 100_000 + '"}').encode(), 400),
+    "a body over the limit": (b'{"prompt": "' + b"a" * (2 * MIB) + b'"}', 413),
+    "a huge prompt within the limit": (b'{"prompt": "' + b"a " * 400_000 + b'"}', 400),
+}
+
+
+@pytest.mark.parametrize("kind", list(HTTP_BODIES))
+def test_hostile_http_bodies_get_a_status_and_health_keeps_answering(server, kind):
+    import json
+
+    body, status = HTTP_BODIES[kind]
+    with HealthProbe(server.address) as hp:
+        t0 = time.perf_counter()
+        got, out = _http(server, body)
+        took = time.perf_counter() - t0
+    assert got == status, out[:300]
+    error = json.loads(out)["error"]
+    assert error["code"] == status and error["message"]
+    assert took < 10, took
+    assert hp.worst < 1.0, f"health took {hp.worst:.2f} s during the call"
+
+
+def test_a_chunked_body_over_the_limit_is_cut_off(server):
+    """No Content-Length to refuse up front: the body is read up to the limit, then 413."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.server.http_port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n")
+        piece = b"a" * 65536
+        try:
+            for _ in range(40):  # 2.5 MiB, past the 1 MiB limit
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        except OSError:
+            pass  # the server answered and closed while we were still sending
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_a_slow_http_reader_and_a_flood_of_disconnects_leave_nothing_behind(server):
+    """One stream nobody reads (the socket's buffers fill), then 40 streams whose clients hang
+    up at random points: the server ends each, frees its blocks, and still generates."""
+    import random
+    import socket
+
+    def start(prompt: str, max_tokens: int) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.server.http_port), timeout=30)
+        body = (f'{{"prompt": "{prompt}", "max_tokens": {max_tokens}, "ignore_eos": true, '
+                '"stream": true}').encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return sock
+
+    slow = start("never read", 300)
+    time.sleep(1.0)
+    slow.close()
+    rng = random.Random(0)
+    for i in range(40):
+        sock = start(f"flood {i}", 100)
+        if rng.random() < 0.5:
+            sock.recv(rng.choice([1, 200, 2000]))
+        sock.close()
+    _wait_idle(server)
+    assert server.server.engine.num_live == 0
+    status, out = _http(server, b'{"prompt": "after the flood", "max_tokens": 4}')
+    assert status == 200 and b'"completion_tokens":4' in out

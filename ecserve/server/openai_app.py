@@ -147,6 +147,8 @@ class OpenAIApp:
             return _decode(raw)
         except msgspec.DecodeError as e:
             raise ApiError(400, f"the body is not valid JSON ({e})") from None
+        except RecursionError:  # msgspec's answer to [[[[... (tests/test_hostile_requests.py)
+            raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
 
     # ------------------------------------------------------------------ generation
 

@@ -10,11 +10,22 @@ tokens. Two special tokens come first: <|bos|> (id 0) starts every document and 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
 BOS, EOS = "<|bos|>", "<|eos|>"
 TOKENIZER_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"  # what transformers' AutoTokenizer needs beside it
+
+
+def write_hf_config(out: Path, max_length: int) -> None:
+    """tokenizer_config.json, so tools built on transformers (guidellm, lm-eval) load the
+    tokenizer with AutoTokenizer from the model directory. ecserve itself reads only
+    tokenizer.json and config.json."""
+    (out / HF_CONFIG_FILE).write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+        "model_max_length": max_length}, indent=1) + "\n")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out: Path) -> Path:

@@ -45,6 +45,7 @@ def export(out: Path, model: Transformer, state: TrainState, cfg: TrainConfig, p
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_model(out, serve_cfg, state_dict, storage_dtype=STORAGE_DTYPE)
     shutil.copyfile(tok_path, out / bpe.TOKENIZER_FILE)
+    bpe.write_hf_config(out, serve_cfg.max_position_embeddings)
     # Reload what was written, with the training grouping's policy, in float32.
     train_cfg = dataclasses.replace(serve_cfg, routing=model.cfg.routing)
     stored = load_model(out, train_cfg, device, torch.float32)
