@@ -19,18 +19,18 @@ from ecserve.client import Client
 from ecserve.config import ServerConfig
 from ecserve.engine.engine import Engine
 from ecserve.server.app import Server
-from ecserve.server.core_client import EngineCoreClient
+from ecserve.server.core_transport import CoreTransport
 
 
 class ServerThread:
-    """Start with `with ServerThread(engine) as s:`; `s.client()` talks to it over gRPC.
-    An EngineCoreClient serves from an engine-core process; an Engine (or a loader) from a
-    thread of this one."""
+    """Start with `with ServerThread(engine) as s:`; `s.client()` talks to it over gRPC,
+    `s.http_url` over HTTP. A ProcessTransport serves from an engine-core process; an Engine
+    (or a loader) from the core loop on a thread of this one."""
 
-    def __init__(self, engine: Engine | Callable[[], Engine] | EngineCoreClient,
+    def __init__(self, engine: Engine | Callable[[], Engine] | CoreTransport,
                  **server_cfg: Any) -> None:
         self.engine = engine if isinstance(engine, Engine) else None
-        self._load = (lambda: engine) if isinstance(engine, Engine) else engine
+        self._core = engine
         self.cfg = ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0,
                                    "http_port": 0, **server_cfg})
         self.loop = asyncio.new_event_loop()
@@ -52,7 +52,7 @@ class ServerThread:
         self._thread.join(timeout=10)
 
     async def _make(self) -> Server:
-        return Server(self._load, self.cfg)
+        return Server(self._core, self.cfg)
 
     @property
     def address(self) -> str:

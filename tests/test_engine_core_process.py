@@ -1,4 +1,4 @@
-"""The engine core in its own process (ecserve/engine/core.py, server/core_client.py): the
+"""The engine core in its own process (ecserve/engine/core.py, server/core_process.py): the
 same responses as the engine on a server thread, stop sequences found by the front end and
 ended in the core, both processes in one scrape, the queue bound answered at once, and the
 core's death (or the front end's) seen at once."""
@@ -24,14 +24,16 @@ from ecserve.engine.core import CoreSpec, load_engine
 from ecserve.engine.engine import Engine
 from ecserve.engine.limits import QueueFullError, RequestError
 from ecserve.parallel.group import free_port
-from ecserve.server.core_client import EngineCoreClient
+from ecserve.server.core_process import ProcessTransport
+from ecserve.server.core_transport import ThreadTransport
+from ecserve.server.front_end import FrontEnd
 from ecserve.types import Request, SamplingParams
 from ecserve.v1 import generation_pb2 as pb
 
 
-def core_client(model: Path, **engine: object) -> EngineCoreClient:
+def core_process(model: Path, **engine: object) -> ProcessTransport:
     cfg = EngineConfig(device="cpu", **engine)  # type: ignore[arg-type]
-    return EngineCoreClient(functools.partial(load_engine, str(model), cfg),
+    return ProcessTransport(functools.partial(load_engine, str(model), cfg),
                             CoreSpec(torch_threads=1), str(model))
 
 
@@ -84,7 +86,7 @@ def test_core_process_answers_as_the_engine_on_a_thread(make_model):
         stop = text[len(text) // 2:len(text) // 2 + 2]
         assert stop
         expected = responses(s.address, stop)
-    with ServerThread(core_client(model)) as s:
+    with ServerThread(core_process(model)) as s:
         got = responses(s.address, stop)
         metrics = s.server.metrics.exposition().decode()
     # Token for token and byte for byte; logprobs to float32 rounding (two processes run the
@@ -100,7 +102,7 @@ def test_core_process_answers_as_the_engine_on_a_thread(make_model):
 
 
 def test_one_scrape_shows_both_processes(make_model):
-    with ServerThread(core_client(make_model())) as s:
+    with ServerThread(core_process(make_model())) as s:
         with Client(s.address) as c:
             c.generate("scrape", max_new_tokens=8)
         text = s.server.metrics.exposition().decode()
@@ -118,11 +120,15 @@ def test_one_scrape_shows_both_processes(make_model):
     assert sum(tokens) > 0
 
 
-def test_bad_requests_and_the_queue_bound_are_answered_in_the_front_end(make_model):
+@pytest.mark.parametrize("placement", ["process", "thread"])
+def test_bad_requests_and_the_queue_bound_are_answered_in_the_front_end(make_model, placement):
+    """One front end over either transport: the same answers, from the same count."""
     model = make_model()
 
     async def main() -> None:
-        client = core_client(model, max_waiting=1, max_num_seqs=1)
+        engine = {"max_waiting": 1, "max_num_seqs": 1}
+        client = FrontEnd(core_process(model, **engine) if placement == "process" else
+                          ThreadTransport(Engine(model, EngineConfig(device="cpu", **engine))))
         await client.start()
         try:
             params = SamplingParams(max_new_tokens=4)

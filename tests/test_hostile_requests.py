@@ -21,6 +21,7 @@ from ecserve.config import EngineConfig, ModelConfig
 from ecserve.engine.engine import Engine
 from ecserve.model.default import write_model
 from ecserve.server.wire import bad_utf8_field, largest_field
+from ecserve.types import FinishReason
 from ecserve.v1 import generation_pb2 as pb
 from ecserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -149,33 +150,51 @@ def test_cancelled_streams_leave_honest_gauges_when_idle(server):
 
 
 def test_cancelled_calls_do_not_count_against_the_queue(tmp_path):
-    """max_waiting=1: a call cancelled while queued frees its place at once, whether the engine
-    thread has taken it yet or not, so the client's retry is accepted, not
-    RESOURCE_EXHAUSTED (the worker is driven by hand here, to hold each state still)."""
+    """max_waiting=1: a call cancelled while queued frees its place at once, whether the core
+    has been sent it yet or not, so the client's retry is accepted, not RESOURCE_EXHAUSTED
+    (the front end over a transport that only records, to hold each state still)."""
     import asyncio
+    from pathlib import Path
 
-    from ecserve.server.async_engine import AsyncEngine, _Inbox
+    from ecserve.engine.core import core_ready
+    from ecserve.engine.core_protocol import CoreInput
+    from ecserve.server.core_transport import Started
+    from ecserve.server.front_end import FrontEnd
     from ecserve.types import Request, SamplingParams
 
     model = write_model(tmp_path / "m", ModelConfig.from_dict(tiny_config()), 0)
-    ae = AsyncEngine(Engine(model, EngineConfig(device="cpu", max_waiting=1)))
-    ae._loop = asyncio.new_event_loop()
+    engine = Engine(model, EngineConfig(device="cpu", max_waiting=1))
+    frames: list[CoreInput] = []
+
+    class Recorder:
+        core_pid = None
+
+        async def start(self, deliver, ended) -> Started:
+            return Started(core_ready(engine), engine.tokenizer, Path(model))
+
+        def send(self, frame: CoreInput) -> None:
+            frames.append(frame)
+
+        async def stop(self) -> None:
+            pass
 
     def req(rid: str) -> Request:
         return Request(rid, (1, 2, 3), SamplingParams(max_new_tokens=2))
 
-    ae.submit(req("a"))
-    ae.cancel("a")  # still in the inbox
-    ae.submit(req("b"))
-    inbox, ae._inbox = ae._inbox, _Inbox()
-    ae._apply(inbox)  # the worker takes b: waiting in the engine
-    assert list(ae.engine.seqs) == ["b"]
-    ae.cancel("b")  # handed over: the abort waits for the worker
-    ae.submit(req("c"))
-    inbox, ae._inbox = ae._inbox, _Inbox()
-    ae._apply(inbox)
-    assert list(ae.engine.seqs) == ["c"]
-    ae._loop.close()
+    async def main() -> None:
+        front = FrontEnd(Recorder())  # type: ignore[arg-type]
+        await front.start()
+        front.submit(req("a"))
+        front.cancel("a")  # not sent yet: gone before it leaves
+        front.submit(req("b"))
+        await asyncio.sleep(0)  # the loop's turn ends: b goes out, not admitted yet
+        front.cancel("b")  # sent: an abort follows, and its place is free now
+        front.submit(req("c"))
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert [[r.request_id for r in f.requests] for f in frames] == [["b"], ["c"]]
+    assert [f.aborts for f in frames] == [[], [("b", FinishReason.ABORTED)]]
 
 
 IDLE = {"ecserve_requests_running": 0.0, "ecserve_requests_waiting": 0.0,

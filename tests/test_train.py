@@ -192,7 +192,8 @@ def test_the_recipe_writes_a_model_the_engine_serves(tmp_path, monkeypatch):
     assert main(argv) == 0  # resumed to the end, then exported
     out = tmp_path / "model"
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "tokenizer.json", "training.json"]
+        "README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "training.json"]
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 12 and len(record["history"]) == 12
     assert record["recipe"].startswith("ecserve train --out ")

@@ -32,8 +32,8 @@ from ecserve.types import RequestStats, StepPlan, StepStats
 log = logging.getLogger("ecserve.core")
 
 # What the core runs: a picklable callable (the process is spawned) that loads the engine
-# and returns it with what to call once the loop has ended. It takes `detokenize`: False in a
-# core process (the front end has the text stage), True for an engine on a server thread.
+# and returns it with what to call once the loop has ended. It takes `detokenize`, always False
+# under a server: the front end runs the text stage, wherever the core runs.
 EngineLoader = Callable[..., tuple[Engine, Callable[[], None] | None]]
 
 
@@ -94,11 +94,7 @@ def run_core(load: EngineLoader, spec: CoreSpec, input_addr: str, output_addr: s
              torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "unset"),
              f" GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
              if "GOMP_SPINCOUNT" in os.environ else "")
-    outputs.send(codec.encode(CoreHello(ready=CoreReady(
-        pid=os.getpid(), model_name=engine.model_name, model_cfg=engine.model_cfg,
-        limits=engine.limits, dtype=engine.dtype_name, device=str(engine.device),
-        held_experts=engine.runner.held_experts(),
-        expert_parallel=bool(engine.runner.expert_traffic())))))
+    outputs.send(codec.encode(CoreHello(ready=core_ready(engine))))
     core = EngineCore(engine)
     try:
         settled = core.run(inputs, outputs, parent_pid)
@@ -116,17 +112,30 @@ def run_core(load: EngineLoader, spec: CoreSpec, input_addr: str, output_addr: s
     log.info("engine core stopped")
 
 
-class EngineCore:
-    """The busy loop over one engine, between an input queue and an output queue."""
+def core_ready(engine: Engine) -> CoreReady:
+    """What the front end learns of a loaded engine."""
+    return CoreReady(pid=os.getpid(), model_name=engine.model_name, model_cfg=engine.model_cfg,
+                     limits=engine.limits, dtype=engine.dtype_name, device=str(engine.device),
+                     held_experts=engine.runner.held_experts(),
+                     expert_parallel=bool(engine.runner.expert_traffic()))
 
-    def __init__(self, engine: Engine) -> None:
+
+class EngineCore:
+    """The busy loop over one engine: inputs from a queue, each step's output to `emit`
+    (default: the output queue a writer thread sends from). The same loop runs in the engine
+    core's process and on a thread of the server's (server/core_thread.py)."""
+
+    def __init__(self, engine: Engine, emit: Callable[[CoreOutput], None] | None = None
+                 ) -> None:
         self.engine = engine
         self.inputs: queue.Queue[CoreInput] = queue.Queue()
         self.outputs: queue.Queue[CoreOutput | None] = queue.Queue()
+        self.emit = emit or self.outputs.put
         self._finished: list[RequestStats] = []
         self._step: StepStats | None = None
         self._lost_sent = False
         engine.observer = self  # collects what each output frame reports
+        engine.on_admitted = lambda ids: self.emit(CoreOutput(admitted=list(ids)))
 
     # EngineObserver: called on the loop's thread, inside engine calls.
     def step_done(self, stats: StepStats) -> None:
@@ -146,14 +155,15 @@ class EngineCore:
         reader.start()
         writer.start()
         try:
-            self._loop()
+            self.loop()
         finally:
             self.outputs.put(None)
             writer.join(timeout=5.0)
             reader.join(timeout=2.0)  # it ends on the stop frame (or the parent's death)
         return not writer.is_alive() and not reader.is_alive()
 
-    def _loop(self) -> None:
+    def loop(self) -> None:
+        """Apply what arrived, step, emit; until a stop frame."""
         engine = self.engine
         while True:
             batch = self._take(block=not engine.has_unfinished())
@@ -197,7 +207,7 @@ class EngineCore:
         if out.step is not None and (traffic := engine.runner.expert_traffic()):
             out.traffic = traffic
         if out.events or out.step or out.finished or out.refused or out.lost:
-            self.outputs.put(out)
+            self.emit(out)
 
     # ---------------------------------------------------------------- I/O threads
 

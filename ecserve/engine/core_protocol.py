@@ -59,6 +59,9 @@ class CoreInput:
 class CoreOutput:
     """Core -> front end: what one step (or one batch of inputs) did."""
 
+    # Requests a step admitted, in a frame of their own sent as soon as the step has scheduled
+    # them (before the model runs): the front end's queue room counts from these.
+    admitted: list[str] = field(default_factory=list)
     events: list[TokenEvent] = field(default_factory=list)  # without text: the front end's job
     step: StepStats | None = None  # its plan without chunks (group sizes only)
     finished: list[RequestStats] = field(default_factory=list)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -118,6 +119,9 @@ class Engine:
         self.last_stats: StepStats | None = None
         self.records: list[StepRecord] = []
         self.observer: EngineObserver | None = None
+        # Told which requests a step admitted as soon as it has scheduled them, before the
+        # model runs: a front end counts its queue room from this (ecserve/engine/core.py).
+        self.on_admitted: Callable[[tuple[str, ...]], None] | None = None
         self._steps = 0
 
     @property
@@ -220,6 +224,8 @@ class Engine:
         plan = self.batcher.schedule()
         if plan is None:
             return events
+        if self.on_admitted is not None and self.batcher.admitted:
+            self.on_admitted(tuple(self.batcher.admitted))
         seqs = [self.seqs[c.request_id] for c in plan.chunks if c.sample]
         every = self.cfg.expert_timing_every
         self._steps += 1

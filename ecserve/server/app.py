@@ -7,9 +7,8 @@ import contextlib
 import logging
 import signal
 import socket
-import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -21,19 +20,18 @@ from ecserve.engine.core import CoreSpec, EngineLoader
 from ecserve.engine.engine import Engine
 from ecserve.metrics import Metrics
 from ecserve.security import read_api_keys
-from ecserve.server.async_engine import AsyncEngine
 from ecserve.server.auth import ApiKeyInterceptor, server_credentials
 from ecserve.server.chat_template import ChatTemplate, load_chat_template
-from ecserve.server.core_client import EngineCoreClient
+from ecserve.server.core_process import ProcessTransport
+from ecserve.server.core_transport import CoreTransport, ThreadTransport
+from ecserve.server.front_end import FrontEnd
 from ecserve.server.http import HttpEndpoints
 from ecserve.server.http_listener import HttpListener
-from ecserve.server.live import LiveEngine
 from ecserve.server.openai_app import OpenAIApp
 from ecserve.server.servicer import SERVICE, GenerationServicer
 from ecserve.types import Request, SamplingParams
 
 log = logging.getLogger("ecserve.server")
-T = TypeVar("T")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -42,15 +40,19 @@ class Server:
     """One gRPC server over one engine. `start` binds at once and reports NOT_SERVING while
     the model loads and warms up; `drain` is the SIGTERM path."""
 
-    def __init__(self, engine: Callable[[], Engine] | EngineCoreClient,
+    def __init__(self, core: CoreTransport | Engine | Callable[[], Engine],
                  cfg: ServerConfig) -> None:
-        """engine: an engine core process to start (`ecserve serve`), or a loader whose
-        engine then runs on a thread of this process. Construct inside the running event loop
-        (grpc.aio binds the server to it)."""
+        """core: the transport to the engine core (ProcessTransport: its own process, as
+        `ecserve serve` runs it), or an engine (or its loader) whose core loop then runs on a
+        thread of this process. Construct inside the running event loop (grpc.aio binds the
+        server to it)."""
         self.cfg = cfg
-        self._source = engine
+        transport = core if isinstance(core, (ProcessTransport, ThreadTransport)) else (
+            ThreadTransport(core))
+        # The one front end both protocols sit on; `engine` once it has started.
+        self._front = FrontEnd(transport)
         self.servicer = GenerationServicer(cfg)
-        self.engine: LiveEngine | None = None
+        self.engine: FrontEnd | None = None
         # Set when the engine can run no further step (a lost expert-parallel rank): the
         # server then drains what it can and exits 1, for the orchestrator to restart it.
         self.failed = asyncio.Event()
@@ -138,7 +140,7 @@ class Server:
         self._api.start()
         self.http_port = self._api.port
 
-    def _chat_template(self, live: LiveEngine) -> ChatTemplate | None:
+    def _chat_template(self, live: FrontEnd) -> ChatTemplate | None:
         info = live.info
         tokenizer = info.tokenizer
 
@@ -153,16 +155,12 @@ class Server:
             log.info("chat template: %s", template.origin)
         return template
 
-    async def _start_engine(self) -> LiveEngine:
-        if isinstance(self._source, EngineCoreClient):
-            self.engine = self._source
-            await self._source.start()
-            return self._source
-        live = self.engine = AsyncEngine(await _in_daemon_thread(self._source))
-        live.start()
-        return live
+    async def _start_engine(self) -> FrontEnd:
+        self.engine = self._front
+        await self._front.start()
+        return self._front
 
-    def _start_metrics(self, live: LiveEngine) -> None:
+    def _start_metrics(self, live: FrontEnd) -> None:
         """After the warm-up, so its generation is not counted."""
         if not self.cfg.metrics:
             return
@@ -207,7 +205,7 @@ class Server:
     def _scrape(self, accept: str) -> tuple[bytes, str] | None:
         return None if self.metrics is None else self.metrics.render(accept)
 
-    async def _warmup(self, live: LiveEngine) -> None:
+    async def _warmup(self, live: FrontEnd) -> None:
         """One short generation, so the first client does not pay for lazy initialisation."""
         prompt = tuple(live.info.encode("warm up"))
         queue = live.submit(Request("warmup", prompt, SamplingParams(max_new_tokens=4, seed=0)))
@@ -273,32 +271,6 @@ class Server:
         log.info("drained; stopped")
 
 
-async def _in_daemon_thread(fn: Callable[[], T]) -> T:
-    """Run `fn` in a daemon thread: unlike the loop's executor, a SIGTERM during a long model
-    load does not have to wait for the load to finish before the process can exit."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(value: T | None, error: BaseException | None) -> None:
-        if future.done():  # cancelled meanwhile
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            value = fn()
-        except BaseException as e:
-            loop.call_soon_threadsafe(settle, None, e)
-        else:
-            loop.call_soon_threadsafe(settle, value, None)
-
-    threading.Thread(target=run, name="ecserve-load", daemon=True).start()
-    return await future
-
-
 class _MethodAwarePool:
     """The descriptor pool as reflection sees it, also finding the file of a service method
     (python protobuf finds only services), so `grpcurl describe pkg.Service.Method` works."""
@@ -325,11 +297,11 @@ def serve_model(load: EngineLoader, model: str | None, cfg: ServerConfig,
     `core` says, or on a thread of this process when `core` is None; then serve until a
     signal or the engine's loss (the exit code)."""
     if core is not None:
-        return serve(EngineCoreClient(load, core, model), cfg)
+        return serve(ProcessTransport(load, core, model), cfg)
     closers: list[Callable[[], None]] = []
 
     def load_here() -> Engine:
-        engine, close = load(detokenize=True)
+        engine, close = load(detokenize=False)
         if close is not None:
             closers.append(close)
         return engine
@@ -356,7 +328,7 @@ def _probe(host: str, port: int) -> None:
         probe.bind(addr)
 
 
-def serve(engine: Callable[[], Engine] | EngineCoreClient, cfg: ServerConfig) -> int:
+def serve(engine: CoreTransport | Callable[[], Engine], cfg: ServerConfig) -> int:
     """Run a server until SIGTERM or SIGINT (exit code 0) or until its engine is lost (1),
     then drain it; returns the exit code."""
 

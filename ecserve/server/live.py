@@ -1,18 +1,17 @@
-"""What the server sees of a running engine, wherever it runs: a thread beside the event loop
-(server/async_engine.py) or a process of its own (server/core_client.py)."""
+"""The front end's nouns for a running engine, wherever its core runs: what the model is
+(EngineInfo), what a request's queue carries (Item), and how events reach the queues."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ecserve.config import ModelConfig
-from ecserve.engine.engine import EngineObserver
 from ecserve.tokenizer import Tokenizer
-from ecserve.types import Request, TokenEvent
+from ecserve.types import TokenEvent
 
 Item = TokenEvent | Exception  # what a request's queue carries; an Exception ends the request
 Traffic = dict[int, tuple[Any, int]]  # MoE layer -> ([W, W] rows sent src -> dst, calls)
@@ -51,28 +50,3 @@ def deliver(streams: dict[str, asyncio.Queue[Item]], events: Iterable[TokenEvent
             del streams[event.request_id]
             finished.append(event.request_id)
     return finished
-
-
-class LiveEngine(Protocol):
-    info: EngineInfo
-    on_lost: Callable[[str], None] | None  # called on the event loop, once
-    observer: EngineObserver | None  # the metrics; set once serving starts
-
-    @property
-    def lost(self) -> str | None: ...
-
-    @property
-    def num_live(self) -> int: ...
-
-    @property
-    def core_pid(self) -> int | None: ...
-
-    def expert_traffic(self) -> Traffic | None: ...
-
-    def submit(self, request: Request) -> asyncio.Queue[Item]: ...
-
-    def cancel(self, request_id: str, notify: bool = False) -> None: ...
-
-    def cancel_all(self) -> None: ...
-
-    async def stop(self) -> None: ...

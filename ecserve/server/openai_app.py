@@ -23,7 +23,8 @@ from ecserve.engine.limits import QueueFullError, RequestError
 from ecserve.metrics import Metrics
 from ecserve.server.auth import bearer_allowed
 from ecserve.server.chat_template import ChatTemplate
-from ecserve.server.live import Item, LiveEngine
+from ecserve.server.front_end import FrontEnd
+from ecserve.server.live import Item
 from ecserve.server.openai_params import ApiError, Body, Call, Kind, api_message, parse_call
 from ecserve.server.openai_shapes import Shaper
 from ecserve.server.request_log import log_finished, log_rejected
@@ -52,7 +53,7 @@ class OpenAIApp:
     def __init__(self, cfg: ServerConfig, ready: Callable[[], tuple[bool, str]],
                  keys: Sequence[bytes] = ()) -> None:
         self.cfg, self.ready, self.keys = cfg, ready, tuple(keys)
-        self.engine: LiveEngine | None = None
+        self.engine: FrontEnd | None = None
         self.metrics: Metrics | None = None
         self.template: ChatTemplate | None = None
         self.draining = False
@@ -69,7 +70,7 @@ class OpenAIApp:
             "/metrics": ("GET", self._metrics, False),
         }
 
-    def attach(self, live: LiveEngine, template: ChatTemplate | None) -> None:
+    def attach(self, live: FrontEnd, template: ChatTemplate | None) -> None:
         """Serving from now on."""
         decode = live.info.tokenizer.decode
         self._token_text = functools.lru_cache(maxsize=1 << 17)(lambda i: decode([i]))
@@ -110,7 +111,7 @@ class OpenAIApp:
         headers = [(k.encode(), v.encode()) for k, v in e.headers]
         await _respond(send, e.status, _encode(e.body()), JSON + headers)
 
-    def _serving(self) -> LiveEngine:
+    def _serving(self) -> FrontEnd:
         if self.draining:
             raise ApiError(503, "server is draining (shutting down); retry on another replica")
         if self.engine is None:
@@ -185,7 +186,7 @@ class OpenAIApp:
                     live.cancel(request.request_id)  # frees its blocks
                     log_finished(request, st.generated, "cancelled by the client")
 
-    def _submit(self, live: LiveEngine, call: Call) -> list[asyncio.Queue[Item]]:
+    def _submit(self, live: FrontEnd, call: Call) -> list[asyncio.Queue[Item]]:
         """Every choice's request, or none: a refusal cancels those already taken."""
         queues: list[asyncio.Queue[Item]] = []
         try:

@@ -25,7 +25,8 @@ from ecserve.server.convert import (
     proto_message,
     to_request,
 )
-from ecserve.server.live import EngineInfo, Item, LiveEngine
+from ecserve.server.front_end import FrontEnd
+from ecserve.server.live import EngineInfo, Item
 from ecserve.server.request_log import log_finished, log_rejected
 from ecserve.types import FinishReason, Request
 from ecserve.v1 import generation_pb2 as pb
@@ -38,7 +39,7 @@ PARSE_INLINE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
 class GenerationServicer:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.engine: LiveEngine | None = None  # set once the model is loaded and warm
+        self.engine: FrontEnd | None = None  # set once the model is loaded and warm
         self.metrics: Metrics | None = None
         self.draining = False  # set on SIGTERM: refuse new calls, let live ones finish
 
@@ -107,7 +108,7 @@ class GenerationServicer:
 
     async def _accept(
         self, raw: bytes, context: grpc.aio.ServicerContext
-    ) -> tuple[LiveEngine, Request, ResponseBuilder, asyncio.Queue[Item]]:
+    ) -> tuple[FrontEnd, Request, ResponseBuilder, asyncio.Queue[Item]]:
         live = await self._refuse_if_not_serving(context)
         info = live.info
         try:
@@ -166,7 +167,7 @@ class GenerationServicer:
                          ) -> pb.ModelInfoResponse:
         return model_info((await self._refuse_if_not_serving(context)).info, self.cfg)
 
-    async def _refuse_if_not_serving(self, context: grpc.aio.ServicerContext) -> LiveEngine:
+    async def _refuse_if_not_serving(self, context: grpc.aio.ServicerContext) -> FrontEnd:
         if self.draining:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE,
                                "server is draining (shutting down); retry on another replica")
