@@ -30,6 +30,9 @@ def build_request(
     top_k: int = 0,
     top_p: float | None = None,
     seed: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float | None = None,
     stop_sequences: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     include_stop_sequence: bool = False,
@@ -44,7 +47,9 @@ def build_request(
 ) -> pb.GenerateRequest:
     """A GenerateRequest; None and zero values leave the server's defaults in force."""
     req = pb.GenerateRequest(
-        sampling=pb.SamplingParameters(temperature=temperature, top_k=top_k),
+        sampling=pb.SamplingParameters(temperature=temperature, top_k=top_k,
+                                       presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty),
         stopping=pb.StoppingCriteria(
             min_new_tokens=min_new_tokens, stop_sequences=stop_sequences,
             stop_token_ids=stop_token_ids, include_stop_sequence=include_stop_sequence,
@@ -65,6 +70,8 @@ def build_request(
         req.sampling.top_p = top_p
     if seed is not None:
         req.sampling.seed = seed
+    if repetition_penalty is not None:
+        req.sampling.repetition_penalty = repetition_penalty
     return req
 
 

@@ -39,6 +39,14 @@ class SamplingParams:
     """Sample from the k most likely tokens; 0: all."""
     top_p: float = 1.0
     """Sample from the smallest set of tokens with this much probability; 1: all."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted once from the logit of every token the output already has, in
+    [-2, 2]; > 0 discourages repeating a token at all."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted from a token's logit once per time the output has it, in [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """vLLM's (from CTRL): the logits of tokens in the prompt or the output divided by this
+    when positive, multiplied when negative; > 1 discourages repetition, 1: off."""
     seed: int | None = None
     """Sampling seed, in [0, 2**63); default: one is drawn and reported, so a sampled output
     can be reproduced."""
@@ -72,6 +80,12 @@ class SamplingParams:
             raise RequestError("top_k", f" must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise RequestError("top_p", f" must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= (v := getattr(self, name)) <= 2:
+                raise RequestError(name, f" must be in [-2, 2], got {v}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise RequestError("repetition_penalty",
+                               f" must be > 0 (1 is off), got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise RequestError("seed", f" must be in [0, 2**63), got {self.seed}")
         if any(not s for s in self.stop_sequences):
@@ -85,6 +99,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                     or self.repetition_penalty != 1)
 
 
 @dataclass(frozen=True)

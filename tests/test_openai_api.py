@@ -161,6 +161,25 @@ def test_vllm_extras_and_explicit_nulls(api):
     assert all(math.isfinite(v["logprob"]) for d in prompt_lps[1:] for v in d.values())
 
 
+def test_penalties_change_the_text_and_equal_grpc(server, api):
+    """The shipped model repeats itself greedily ("a file-like object, which is a file-like
+    object"): each penalty changes the text, the same way over both protocols."""
+    prompt = "def read_file(path):"
+    plain = api.completions.create(model="default", prompt=prompt, max_tokens=40,
+                                   temperature=0).choices[0].text
+    for penalty in ({"presence_penalty": 1.5}, {"frequency_penalty": 1.0},
+                    {"repetition_penalty": 1.5}):
+        r = api.completions.create(model="default", prompt=prompt, max_tokens=40,
+                                   temperature=0, **({} if "repetition_penalty" in penalty
+                                                     else penalty),
+                                   extra_body=penalty if "repetition_penalty" in penalty
+                                   else None)
+        assert r.choices[0].text != plain, penalty
+        with Client(server.address) as c:
+            g = c.generate(prompt, max_new_tokens=40, **penalty)
+        assert r.choices[0].text == g.text, penalty
+
+
 # ---------------------------------------------------------------------- chat
 
 
@@ -256,7 +275,9 @@ def test_a_client_that_leaves_a_whole_response_cancels_it(server):
     ({"prompt": PROMPT, "max_tokens": 1_000_000}, "prompt"),  # past the context
     ({"prompt": PROMPT, "stop": ["x"] * 10_000}, "stop"),
     ({"prompt": PROMPT, "logprobs": 1000}, "logprobs"),
-    ({"prompt": PROMPT, "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": PROMPT, "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": PROMPT, "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": PROMPT, "logit_bias": {"5": 10}}, "logit_bias"),
     ({"prompt": [1, 2, 10**9]}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({}, "prompt"),

@@ -57,3 +57,49 @@ def test_min_new_tokens_masks_eos_and_stop_tokens():
     assert draw(logits, [p], [0], generated=[2], eos=2) == [2]
     ignore = SamplingParams(min_new_tokens=2, ignore_eos=True)
     assert draw(logits, [ignore], [0], generated=[0], eos=2) == [2]
+
+
+def reference_penalties(row: list[float], prompt: list[int], output: list[int],
+                        p: SamplingParams) -> list[float]:
+    """vLLM's and OpenAI's penalties on one row, one token at a time, in plain Python."""
+    out = list(row)
+    for t in set(prompt) | set(output):
+        if p.repetition_penalty != 1:
+            out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * \
+                p.repetition_penalty
+    for t in set(output):
+        out[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return out
+
+
+def test_penalties_match_a_reference_computation():
+    from ecserve.engine.sampler import apply_penalties
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [SamplingParams(presence_penalty=1.5), SamplingParams(frequency_penalty=0.7),
+             SamplingParams(repetition_penalty=1.3),
+             SamplingParams(presence_penalty=-0.5, frequency_penalty=2.0, repetition_penalty=0.8),
+             SamplingParams()]
+    v = 50
+    logits = torch.randn(len(cases), v, generator=gen) * 3
+    histories, generated = [], []
+    for i in range(len(cases)):
+        prompt = torch.randint(0, v, (7,), generator=gen).tolist()
+        output = torch.randint(0, v // 2, (5 + i,), generator=gen).tolist()  # repeats
+        histories.append(prompt + output)
+        generated.append(len(output))
+    got = logits.clone()
+    apply_penalties(got, cases, generated, histories)
+    for i, p in enumerate(cases):
+        prompt, output = histories[i][:-generated[i]], histories[i][-generated[i]:]
+        want = reference_penalties(logits[i].tolist(), prompt, output, p)
+        assert torch.allclose(got[i], torch.tensor(want), atol=1e-5), p
+    assert torch.equal(got[-1], logits[-1])  # no penalty: the row untouched
+    # Greedy picks the penalized argmax; the repeated favourite is pushed down.
+    row = torch.zeros(1, v)
+    row[0, 3] = 5.0
+    row[0, 4] = 4.0
+    picked = sample(row, [SamplingParams(presence_penalty=2.0)], [torch.Generator()], [2],
+                    None, [[1, 3, 3]])
+    assert picked == [4]
+    assert sample(row, [SamplingParams()], [torch.Generator()], [2], None, [[1, 3, 3]]) == [3]

@@ -56,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
         for last in client.stream(
                 prompt, max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                seed=params.seed, stop_sequences=params.stop_sequences,
+                seed=params.seed, presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                repetition_penalty=params.repetition_penalty,
+                stop_sequences=params.stop_sequences,
                 routing_scope=routing_scope(args)):
             sys.stdout.write(last.text)
             sys.stdout.flush()

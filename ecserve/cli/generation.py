@@ -16,6 +16,7 @@ from ecserve.request import Request, SamplingParams
 # gets the API's default (SamplingParams, the server's --default-max-new-tokens).
 CLI_MAX_NEW_TOKENS = 64
 SAMPLING_FLAGS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed",
+                  "presence_penalty", "frequency_penalty", "repetition_penalty",
                   "stop_sequences")
 PROMPT_HELP = "the text to continue; - reads it from standard input"
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}

@@ -234,7 +234,8 @@ class Engine:
             logits = rows[:len(seqs)]  # the sampled rows; the prompt rows scored follow
             params = [s.request.params for s in seqs]
             tokens = sample(logits, params, [s.generator for s in seqs],
-                            [s.num_generated for s in seqs], self.model_cfg.eos_token_id)
+                            [s.num_generated for s in seqs], self.model_cfg.eos_token_id,
+                            [s.token_ids for s in seqs])
             logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
             self._score_prompts(plan, rows[len(seqs):])
         except RunnerLost as exc:  # no step can run again: end every request now

@@ -1,4 +1,5 @@
-"""Logits -> token ids: greedy, temperature, top-k, top-p, per-request seeded RNG."""
+"""Logits -> token ids: penalties, greedy, temperature, top-k, top-p, per-request seeded
+RNG."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ def sample(
     generators: Seq[torch.Generator],
     num_generated: Seq[int],
     eos_token_id: int | None,
+    token_ids: Seq[Seq[int]] | None = None,
 ) -> list[int]:
-    """One token per row of `logits` [M, V] (float32), row i under params[i].
+    """One token per row of `logits` [M, V] (float32), row i under params[i]; token_ids[i]
+    (prompt then output so far) is needed where params[i] has a penalty.
 
     Each sampled row draws exactly one uniform number from its own generator, so a request's
     tokens depend only on its seed and its logits, not on what else is in the batch.
     """
     logits = logits.float().clone()
+    apply_penalties(logits, params, num_generated, token_ids)
     _mask_early_stops(logits, params, num_generated, eos_token_id)
     out = logits.argmax(dim=-1)  # [M]: greedy (ties to the lowest id)
     rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -43,6 +47,33 @@ def sample(
         pick = pick.clamp(max=v - 1)
         out[rows] = order.gather(1, pick)[:, 0]
     return out.tolist()
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Seq[SamplingParams],
+    num_generated: Seq[int],
+    token_ids: Seq[Seq[int]] | None,
+) -> None:
+    """In place, on the rows that ask, in vLLM's order: the repetition penalty over the tokens
+    of the prompt and the output, then the frequency and presence penalties over the output's
+    token counts. The reported logprobs stay the model's own (token_logprobs)."""
+    v = logits.shape[1]
+    for i, p in enumerate(params):
+        if not p.penalized:
+            continue
+        assert token_ids is not None, "a penalty needs the request's tokens"
+        ids = torch.tensor(list(token_ids[i]), dtype=torch.long)  # [prompt + output]
+        row = logits[i]  # [V], a view
+        if p.repetition_penalty != 1:
+            seen = torch.zeros(v, dtype=torch.bool)
+            seen[ids] = True
+            r = p.repetition_penalty
+            row[seen] = torch.where(row[seen] > 0, row[seen] / r, row[seen] * r)
+        out = ids[len(ids) - num_generated[i]:]
+        if out.numel() and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(out, minlength=v).float()  # [V]
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 
 def _mask_early_stops(

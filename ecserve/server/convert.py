@@ -44,6 +44,9 @@ _PROTO_NAMES = {
     "top_k": "sampling.top_k",
     "top_p": "sampling.top_p",
     "seed": "sampling.seed",
+    "presence_penalty": "sampling.presence_penalty",
+    "frequency_penalty": "sampling.frequency_penalty",
+    "repetition_penalty": "sampling.repetition_penalty",
     "logprobs": "response.top_logprobs",
     "prompt_logprobs": "response.prompt_top_logprobs",
     "routing_scope": "routing_scope",
@@ -103,8 +106,9 @@ def to_request(
             raise InvalidArgument(f"response.{top}: needs response.{flag}")
     if msg.routing_scope not in SCOPES:
         raise InvalidArgument(f"routing_scope: unknown value {msg.routing_scope}")
-    if not math.isfinite(sa.temperature):  # SamplingParams names only its bounds
-        raise InvalidArgument(f"sampling.temperature: must be finite, got {sa.temperature}")
+    for name in ("temperature", "presence_penalty", "frequency_penalty"):
+        if not math.isfinite(v := getattr(sa, name)):  # SamplingParams names only its bounds
+            raise InvalidArgument(f"sampling.{name}: must be finite, got {v}")
     try:
         params = SamplingParams(
             max_new_tokens=(st.max_new_tokens if st.HasField("max_new_tokens")
@@ -113,6 +117,10 @@ def to_request(
             temperature=sa.temperature,
             top_k=sa.top_k,
             top_p=sa.top_p if sa.HasField("top_p") else 1.0,
+            presence_penalty=sa.presence_penalty,
+            frequency_penalty=sa.frequency_penalty,
+            repetition_penalty=(sa.repetition_penalty if sa.HasField("repetition_penalty")
+                                else 1.0),
             # Drawn here rather than in the engine so the response can report it.
             seed=sa.seed if sa.HasField("seed") else secrets.randbits(63),
             stop_token_ids=tuple(st.stop_token_ids),

@@ -231,10 +231,6 @@ def _stops(body: Body, cfg: ServerConfig) -> tuple[str, ...]:
 def _refuse_unsupported(body: Body) -> None:
     """Fields that would change the output and that this engine does not do: refused, never
     silently ignored."""
-    for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                          ("repetition_penalty", 1.0)):
-        if body.number(name, neutral) != neutral:
-            raise bad(name, "penalties are not supported by this server yet")
     if body.get("logit_bias"):
         raise bad("logit_bias", "not supported by this server")
     if body.get("suffix"):
@@ -263,6 +259,9 @@ def sampling(body: Body, cfg: ServerConfig, kind: Kind, prompt_len: int, max_mod
             temperature=body.number("temperature", 1.0),
             top_k=0 if top_k == -1 else top_k,
             top_p=body.number("top_p", 1.0),
+            presence_penalty=body.number("presence_penalty", 0.0),
+            frequency_penalty=body.number("frequency_penalty", 0.0),
+            repetition_penalty=body.number("repetition_penalty", 1.0),
             stop_token_ids=body.ints("stop_token_ids"),
             stop_sequences=_stops(body, cfg),
             include_stop_sequence=body.boolean("include_stop_str_in_output"),

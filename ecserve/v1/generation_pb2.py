@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x63serve/v1/generation.proto\x12\necserve.v1\"\xfd\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.ecserve.v1.SamplingParameters\x12.\n\x08stopping\x18\x04 \x01(\x0b\x32\x1c.ecserve.v1.StoppingCriteria\x12-\n\x08response\x18\x05 \x01(\x0b\x32\x1b.ecserve.v1.ResponseOptions\x12/\n\rrouting_scope\x18\x06 \x01(\x0e\x32\x18.ecserve.v1.RoutingScope\"r\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x03\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xd4\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\x03\x12\x16\n\x0estop_sequences\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x03\x12\x1d\n\x15include_stop_sequence\x18\x05 \x01(\x08\x12\x15\n\rtime_limit_ms\x18\x06 \x01(\x04\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"\x82\x01\n\x0fResponseOptions\x12\x11\n\ttoken_ids\x18\x01 \x01(\x08\x12\x10\n\x08logprobs\x18\x02 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x03 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x04 \x01(\x08\x12\x1b\n\x13prompt_top_logprobs\x18\x05 \x01(\r\"q\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.ecserve.v1.TopLogprobB\n\n\x08_logprob\"7\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x8d\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12!\n\x06tokens\x18\x02 \x03(\x0b\x32\x11.ecserve.v1.Token\x12\x19\n\x11input_token_count\x18\x03 \x01(\r\x12\x1d\n\x15generated_token_count\x18\x04 \x01(\r\x12+\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x16.ecserve.v1.StopReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12(\n\rprompt_tokens\x18\t \x03(\x0b\x32\x11.ecserve.v1.Token\"6\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rreturn_tokens\x18\x02 \x01(\x08\"J\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xab\x04\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x12\n\nmoe_layers\x18\x06 \x03(\r\x12\x13\n\x0bnum_experts\x18\x07 \x01(\r\x12\x16\n\x0erouting_policy\x18\x08 \x01(\t\x12\x17\n\x0f\x63\x61pacity_factor\x18\t \x01(\x01\x12\x12\n\ngroup_size\x18\n \x01(\r\x12\x37\n\x15\x64\x65\x66\x61ult_routing_scope\x18\x0b \x01(\x0e\x32\x18.ecserve.v1.RoutingScope\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\x19\n\x0c\x65os_token_id\x18\x0e \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0c\x62os_token_id\x18\x0f \x01(\x03H\x01\x88\x01\x01\x12\x1e\n\x16max_new_tokens_default\x18\x10 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x11 \x01(\r\x12 \n\x18max_stop_sequence_length\x18\x12 \x01(\r\x12\x18\n\x10max_top_logprobs\x18\x13 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x14 \x01(\rB\x0f\n\r_eos_token_idB\x0f\n\r_bos_token_id*b\n\x0cRoutingScope\x12\x1d\n\x19ROUTING_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUTING_SCOPE_BATCH\x10\x01\x12\x1a\n\x16ROUTING_SCOPE_SEQUENCE\x10\x02*\xea\x01\n\nStopReason\x12\x1c\n\x18STOP_REASON_NOT_FINISHED\x10\x00\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x01\x12\x19\n\x15STOP_REASON_EOS_TOKEN\x10\x02\x12\x1d\n\x19STOP_REASON_STOP_SEQUENCE\x10\x03\x12\x1a\n\x16STOP_REASON_STOP_TOKEN\x10\x04\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x05\x12\x1a\n\x16STOP_REASON_TIME_LIMIT\x10\x06\x12\x15\n\x11STOP_REASON_ERROR\x10\x07\x32\xba\x02\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.ecserve.v1.GenerateRequest\x1a\x1c.ecserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.ecserve.v1.GenerateRequest\x1a\x1c.ecserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.ecserve.v1.TokenizeRequest\x1a\x1c.ecserve.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.ecserve.v1.ModelInfoRequest\x1a\x1d.ecserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65\x63serve/v1/generation.proto\x12\necserve.v1\"\xfd\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.ecserve.v1.SamplingParameters\x12.\n\x08stopping\x18\x04 \x01(\x0b\x32\x1c.ecserve.v1.StoppingCriteria\x12-\n\x08response\x18\x05 \x01(\x0b\x32\x1b.ecserve.v1.ResponseOptions\x12/\n\rrouting_scope\x18\x06 \x01(\x0e\x32\x18.ecserve.v1.RoutingScope\"\x94\x02\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x03\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\xd4\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\x03\x12\x16\n\x0estop_sequences\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x03\x12\x1d\n\x15include_stop_sequence\x18\x05 \x01(\x08\x12\x15\n\rtime_limit_ms\x18\x06 \x01(\x04\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"\x82\x01\n\x0fResponseOptions\x12\x11\n\ttoken_ids\x18\x01 \x01(\x08\x12\x10\n\x08logprobs\x18\x02 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x03 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x04 \x01(\x08\x12\x1b\n\x13prompt_top_logprobs\x18\x05 \x01(\r\"q\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.ecserve.v1.TopLogprobB\n\n\x08_logprob\"7\n\nTopLogprob\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x8d\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12!\n\x06tokens\x18\x02 \x03(\x0b\x32\x11.ecserve.v1.Token\x12\x19\n\x11input_token_count\x18\x03 \x01(\r\x12\x1d\n\x15generated_token_count\x18\x04 \x01(\r\x12+\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x16.ecserve.v1.StopReason\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12(\n\rprompt_tokens\x18\t \x03(\x0b\x32\x11.ecserve.v1.Token\"6\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rreturn_tokens\x18\x02 \x01(\x08\"J\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xab\x04\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x12\n\nmoe_layers\x18\x06 \x03(\r\x12\x13\n\x0bnum_experts\x18\x07 \x01(\r\x12\x16\n\x0erouting_policy\x18\x08 \x01(\t\x12\x17\n\x0f\x63\x61pacity_factor\x18\t \x01(\x01\x12\x12\n\ngroup_size\x18\n \x01(\r\x12\x37\n\x15\x64\x65\x66\x61ult_routing_scope\x18\x0b \x01(\x0e\x32\x18.ecserve.v1.RoutingScope\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\x19\n\x0c\x65os_token_id\x18\x0e \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0c\x62os_token_id\x18\x0f \x01(\x03H\x01\x88\x01\x01\x12\x1e\n\x16max_new_tokens_default\x18\x10 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x11 \x01(\r\x12 \n\x18max_stop_sequence_length\x18\x12 \x01(\r\x12\x18\n\x10max_top_logprobs\x18\x13 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x14 \x01(\rB\x0f\n\r_eos_token_idB\x0f\n\r_bos_token_id*b\n\x0cRoutingScope\x12\x1d\n\x19ROUTING_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUTING_SCOPE_BATCH\x10\x01\x12\x1a\n\x16ROUTING_SCOPE_SEQUENCE\x10\x02*\xea\x01\n\nStopReason\x12\x1c\n\x18STOP_REASON_NOT_FINISHED\x10\x00\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x01\x12\x19\n\x15STOP_REASON_EOS_TOKEN\x10\x02\x12\x1d\n\x19STOP_REASON_STOP_SEQUENCE\x10\x03\x12\x1a\n\x16STOP_REASON_STOP_TOKEN\x10\x04\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x05\x12\x1a\n\x16STOP_REASON_TIME_LIMIT\x10\x06\x12\x15\n\x11STOP_REASON_ERROR\x10\x07\x32\xba\x02\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.ecserve.v1.GenerateRequest\x1a\x1c.ecserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.ecserve.v1.GenerateRequest\x1a\x1c.ecserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.ecserve.v1.TokenizeRequest\x1a\x1c.ecserve.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.ecserve.v1.ModelInfoRequest\x1a\x1d.ecserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ecserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTINGSCOPE']._serialized_start=1917
-  _globals['_ROUTINGSCOPE']._serialized_end=2015
-  _globals['_STOPREASON']._serialized_start=2018
-  _globals['_STOPREASON']._serialized_end=2252
+  _globals['_ROUTINGSCOPE']._serialized_start=2080
+  _globals['_ROUTINGSCOPE']._serialized_end=2178
+  _globals['_STOPREASON']._serialized_start=2181
+  _globals['_STOPREASON']._serialized_end=2415
   _globals['_GENERATEREQUEST']._serialized_start=44
   _globals['_GENERATEREQUEST']._serialized_end=297
-  _globals['_SAMPLINGPARAMETERS']._serialized_start=299
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=413
-  _globals['_STOPPINGCRITERIA']._serialized_start=416
-  _globals['_STOPPINGCRITERIA']._serialized_end=628
-  _globals['_RESPONSEOPTIONS']._serialized_start=631
-  _globals['_RESPONSEOPTIONS']._serialized_end=761
-  _globals['_TOKEN']._serialized_start=763
-  _globals['_TOKEN']._serialized_end=876
-  _globals['_TOPLOGPROB']._serialized_start=878
-  _globals['_TOPLOGPROB']._serialized_end=933
-  _globals['_GENERATERESPONSE']._serialized_start=936
-  _globals['_GENERATERESPONSE']._serialized_end=1205
-  _globals['_TOKENIZEREQUEST']._serialized_start=1207
-  _globals['_TOKENIZEREQUEST']._serialized_end=1261
-  _globals['_TOKENIZERESPONSE']._serialized_start=1263
-  _globals['_TOKENIZERESPONSE']._serialized_end=1337
-  _globals['_MODELINFOREQUEST']._serialized_start=1339
-  _globals['_MODELINFOREQUEST']._serialized_end=1357
-  _globals['_MODELINFORESPONSE']._serialized_start=1360
-  _globals['_MODELINFORESPONSE']._serialized_end=1915
-  _globals['_GENERATIONSERVICE']._serialized_start=2255
-  _globals['_GENERATIONSERVICE']._serialized_end=2569
+  _globals['_SAMPLINGPARAMETERS']._serialized_start=300
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=576
+  _globals['_STOPPINGCRITERIA']._serialized_start=579
+  _globals['_STOPPINGCRITERIA']._serialized_end=791
+  _globals['_RESPONSEOPTIONS']._serialized_start=794
+  _globals['_RESPONSEOPTIONS']._serialized_end=924
+  _globals['_TOKEN']._serialized_start=926
+  _globals['_TOKEN']._serialized_end=1039
+  _globals['_TOPLOGPROB']._serialized_start=1041
+  _globals['_TOPLOGPROB']._serialized_end=1096
+  _globals['_GENERATERESPONSE']._serialized_start=1099
+  _globals['_GENERATERESPONSE']._serialized_end=1368
+  _globals['_TOKENIZEREQUEST']._serialized_start=1370
+  _globals['_TOKENIZEREQUEST']._serialized_end=1424
+  _globals['_TOKENIZERESPONSE']._serialized_start=1426
+  _globals['_TOKENIZERESPONSE']._serialized_end=1500
+  _globals['_MODELINFOREQUEST']._serialized_start=1502
+  _globals['_MODELINFOREQUEST']._serialized_end=1520
+  _globals['_MODELINFORESPONSE']._serialized_start=1523
+  _globals['_MODELINFORESPONSE']._serialized_end=2078
+  _globals['_GENERATIONSERVICE']._serialized_start=2418
+  _globals['_GENERATIONSERVICE']._serialized_end=2732
 # @@protoc_insertion_point(module_scope)
