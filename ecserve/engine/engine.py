@@ -107,7 +107,9 @@ class Engine:
         self.limits = RequestLimits(mc.vocab_size, self.max_model_len, cfg.max_waiting,
                                     cfg.max_waiting_tokens, cfg.block_size, num_blocks)
         self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks, self.limits)
-        self.text = TextStage(self.tokenizer) if detokenize else None
+        # For callers that step the engine themselves and want text; None where the caller
+        # runs the text stage (a server's front end, LLM), which sets it so.
+        self.text: TextStage | None = TextStage(self.tokenizer) if detokenize else None
         if cfg.cuda_graphs and device.type == "cuda" and experts is None:
             self._start_decode_graphs()
         if cfg.decode == "compiled" and experts is None:

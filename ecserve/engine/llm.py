@@ -10,6 +10,7 @@ from pathlib import Path
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
 from ecserve.engine.limits import QueueFullError
+from ecserve.engine.text import TextStage
 from ecserve.types import FinishReason, Request, SamplingParams, TokenEvent, TokenLogprobs
 
 
@@ -29,7 +30,10 @@ class LLM:
     """Generate from a batch of prompts, continuously batched, on one engine."""
 
     def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
-        self.engine = Engine(model, config)
+        # The engine steps token ids; the text stage runs here, as a server's front end runs
+        # it over its engine core (ecserve/server/front_end.py).
+        self.engine = Engine(model, config, detokenize=False)
+        self.text = TextStage(self.engine.tokenizer)
         self._ids = itertools.count()
 
     def generate(
@@ -67,9 +71,13 @@ class LLM:
                 except QueueFullError:
                     break
                 pending.pop()
+                self.text.add(r)
                 seeds[r.request_id] = self.engine.seqs[r.request_id].seed
                 tokens[r.request_id], texts[r.request_id] = [], []
-            for ev in self.engine.step():
+            events, stopped = self.text.process(self.engine.step())
+            for rid in stopped:  # the text reached a stop sequence: the engine ends it
+                self.engine.abort(rid, FinishReason.STOP_SEQUENCE)
+            for ev in events:
                 if ev.token_id is not None:
                     tokens[ev.request_id].append(ev.token_id)
                 texts[ev.request_id].append(ev.text)

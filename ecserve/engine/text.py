@@ -1,8 +1,8 @@
 """The text stage: token events -> text deltas, and stop sequences over that text.
 
-It runs wherever the caller reads events: beside the engine in-process (`Engine` with
-`detokenize=True`, the offline `LLM`), or in the server's front-end process when the engine
-core runs in a process of its own, so detokenization never holds the step loop's GIL.
+It runs where the caller reads events: in the server's front end (wherever the engine core
+runs, so detokenization never holds a core process's GIL), in the offline `LLM`, and inside an
+`Engine` made with `detokenize=True` for scripts that step it themselves.
 A stop sequence is found here, after the engine produced the token: the caller then aborts
 the request in the engine (`TextStage.process` returns which).
 """
