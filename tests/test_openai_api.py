@@ -37,6 +37,31 @@ def server(engine):
         yield s
 
 
+@pytest.fixture(scope="module", params=["thread", "process"])
+def placed(request):
+    """A server on either placement of the engine core (the default model either way)."""
+    import functools
+
+    from ecserve.engine.core import CoreSpec, load_engine
+    from ecserve.server.core_process import ProcessTransport
+
+    if request.param == "thread":  # an engine of its own: one core loop steps an engine
+        with ServerThread(Engine(None, EngineConfig(device="cpu"))) as s:
+            yield s
+        return
+    transport = ProcessTransport(functools.partial(load_engine, None, EngineConfig(
+        device="cpu")), CoreSpec(torch_threads=1), None)
+    with ServerThread(transport) as s:
+        yield s
+
+
+def drained(s: ServerThread) -> bool:
+    """Nothing live and no KV block held, as the front end and the metrics see it (either
+    placement)."""
+    return (s.server.engine.num_live == 0
+            and s.server.metrics.kv_used._value.get() == 0)
+
+
 @pytest.fixture(scope="module")
 def api(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0)
@@ -371,3 +396,33 @@ def test_health_follows_the_drain_and_a_live_stream_finishes(own_engine):
         drained.result(timeout=60)
     chunks = [first, *rest]
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+# ---------------------------------------------------------------------- both placements
+
+
+def test_both_placements_answer_alike_and_free_what_clients_leave(placed):
+    client = openai.OpenAI(base_url=placed.http_url + "/v1", api_key="x", max_retries=0)
+    r = client.completions.create(model="default", prompt=PROMPT, max_tokens=12,
+                                  temperature=0, logprobs=2, n=2, seed=1)
+    with Client(placed.address) as c:
+        g = c.generate(PROMPT, max_new_tokens=12)
+    assert [ch.text for ch in r.choices] == [g.text, g.text]  # greedy: both choices alike
+    chunks = list(client.completions.create(model="default", prompt=PROMPT, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == g.text
+    assert chunks[-1].usage.completion_tokens == 12
+    before = aborted(placed)
+    stream = client.completions.create(model="default", prompt=PROMPT, max_tokens=400,
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    placed.wait_until(lambda: drained(placed) and aborted(placed) == before + 1, timeout=10)
+    leaving = openai.OpenAI(base_url=placed.http_url + "/v1", api_key="x", max_retries=0,
+                            timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        leaving.completions.create(model="default", prompt=PROMPT, max_tokens=480,
+                                   temperature=0, extra_body={"ignore_eos": True})
+    placed.wait_until(lambda: drained(placed) and aborted(placed) == before + 2, timeout=10)

@@ -4,8 +4,10 @@ Python client, `ecserve health` and grpcurl, with certificates made here by open
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -111,6 +113,14 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(engine, pk
                      "-key", str(pki["client_key"]))
         assert ok.returncode == 0 and '"SERVING"' in ok.stdout, ok.stderr
         assert grpcurl(s.address, "-cacert", str(pki["ca"])).returncode != 0
+        # The HTTP API on the same certificate and CA: a client certificate or no handshake.
+        url = f"https://127.0.0.1:{s.server.http_port}/health"
+        trusted = ssl.create_default_context(cafile=str(pki["ca"]))
+        with pytest.raises((ssl.SSLError, OSError)):
+            urllib.request.urlopen(url, timeout=10, context=trusted).read()
+        trusted.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+        with urllib.request.urlopen(url, timeout=10, context=trusted) as r:
+            assert r.status == 200
 
 
 def test_api_keys_unauthenticated_without_one_and_health_stays_open(engine, pki):
