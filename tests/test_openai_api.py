@@ -280,15 +280,18 @@ def test_an_early_closed_stream_frees_its_request(server, api):
     assert blocks.num_free == blocks.num_blocks
 
 
-def test_a_client_that_leaves_a_whole_response_cancels_it(server):
+def test_a_client_that_leaves_a_whole_response_cancels_it(server, caplog):
     client = openai.OpenAI(base_url=server.http_url + "/v1", api_key="x", max_retries=0,
                            timeout=0.3)
     before = aborted(server)
+    caplog.set_level("INFO", logger="ecserve.requests")
     with pytest.raises(openai.APITimeoutError):
         client.completions.create(model="default", prompt=PROMPT, max_tokens=480,
                                   temperature=0, extra_body={"ignore_eos": True})
     server.wait_until(lambda: idle(server), timeout=10)
     assert aborted(server) == before + 1
+    # Its line in the log, as every finished request has one.
+    assert any("generated, cancelled by the client" in r.getMessage() for r in caplog.records)
 
 
 # ---------------------------------------------------------------------- errors

@@ -180,11 +180,14 @@ class OpenAIApp:
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
+            failed = work.done() and not work.cancelled() and work.exception() is not None
+            outcome = ("cancelled: another choice of its call failed" if failed else
+                       "cancelled by the client" if gone.done() else "cancelled")
             gone.cancel()
             for request, st in zip(call.requests, shaper.choices, strict=True):
-                if st.finish is None:  # the client left, or another choice failed
+                if st.finish is None:
                     live.cancel(request.request_id)  # frees its blocks
-                    log_finished(request, st.generated, "cancelled by the client")
+                    log_finished(request, st.generated, outcome)
 
     def _submit(self, live: FrontEnd, call: Call) -> list[asyncio.Queue[Item]]:
         """Every choice's request, or none: a refusal cancels those already taken."""
