@@ -429,3 +429,16 @@ def test_both_placements_answer_alike_and_free_what_clients_leave(placed):
         leaving.completions.create(model="default", prompt=PROMPT, max_tokens=480,
                                    temperature=0, extra_body={"ignore_eos": True})
     placed.wait_until(lambda: drained(placed) and aborted(placed) == before + 2, timeout=10)
+
+
+def test_a_chat_template_that_cannot_be_read_fails_the_start_in_one_line(tmp_path):
+    """Before the model loads: a wrong path costs no model load."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "ecserve", "serve", "--chat-template",
+                          str(tmp_path / "missing.jinja"), "--port", "0", "--metrics-port", "0",
+                          "--http-port", "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "missing.jinja" in res.stderr
+    assert "shipped templates: plain" in res.stderr and "model loads" not in res.stderr

@@ -21,7 +21,7 @@ from ecserve.engine.engine import Engine
 from ecserve.metrics import Metrics
 from ecserve.security import read_api_keys
 from ecserve.server.auth import ApiKeyInterceptor, server_credentials
-from ecserve.server.chat_template import ChatTemplate, load_chat_template
+from ecserve.server.chat_template import ChatTemplate, load_chat_template, read_option
 from ecserve.server.core_process import ProcessTransport
 from ecserve.server.core_transport import CoreTransport, ThreadTransport
 from ecserve.server.front_end import FrontEnd
@@ -37,8 +37,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Server:
-    """One gRPC server over one engine. `start` binds at once and reports NOT_SERVING while
-    the model loads and warms up; `drain` is the SIGTERM path."""
+    """One server over one engine: gRPC and the OpenAI-compatible HTTP API on one front end.
+    `start` binds at once and reports NOT_SERVING while the model loads and warms up; `drain`
+    is the SIGTERM path."""
 
     def __init__(self, core: CoreTransport | Engine | Callable[[], Engine],
                  cfg: ServerConfig) -> None:
@@ -68,6 +69,8 @@ class Server:
             interceptors.append(ApiKeyInterceptor(keys, cfg.open_services, self._refused_key))
         # The OpenAI-compatible API, on its own port of this process and event loop.
         self.openai = OpenAIApp(cfg, self._ready, keys)
+        self._template_option = (read_option(cfg.chat_template) if cfg.chat_template is not None
+                                 else None)
         self._api: HttpListener | None = None
         self.http_port = 0
         self._credentials = (server_credentials(cfg.tls_cert_file, cfg.tls_key_file,
@@ -148,7 +151,7 @@ class Server:
             text = getattr(tokenizer, "token_text", None)
             return text(token_id) if text is not None and token_id is not None else ""
 
-        template = load_chat_template(self.cfg.chat_template, info.model_dir,
+        template = load_chat_template(self._template_option, info.model_dir,
                                       special(info.model_cfg.bos_token_id),
                                       special(info.model_cfg.eos_token_id))
         if template is not None:

@@ -70,20 +70,25 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
-def load_chat_template(option: str | None, model_dir: Path, bos_token: str = "",
+def read_option(option: str) -> tuple[str, str]:
+    """`--chat-template`'s (source, where it came from): a shipped template's name or a file.
+    Read when the server starts, before the model loads, so a wrong path fails at once."""
+    shipped = SHIPPED / f"{option}.jinja"
+    path = shipped if "/" not in option and shipped.is_file() else Path(option)
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except OSError as e:
+        names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.jinja")))
+        raise ConfigError(f"chat template {option}: {e.strerror} (give a Jinja file, or one "
+                          f"of the shipped templates: {names})", field="chat_template") from None
+
+
+def load_chat_template(option: tuple[str, str] | None, model_dir: Path, bos_token: str = "",
                        eos_token: str = "") -> ChatTemplate | None:
-    """The server's template: the option's, else the model directory's, else None."""
+    """The server's template: the option's (read_option), else the model directory's, else
+    None."""
     if option is not None:
-        shipped = SHIPPED / f"{option}.jinja"
-        path = shipped if "/" not in option and shipped.is_file() else Path(option)
-        try:
-            source = path.read_text(encoding="utf-8")
-        except OSError as e:
-            names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.jinja")))
-            raise ConfigError(f"chat template {option}: {e.strerror} (give a Jinja file, or "
-                              f"one of the shipped templates: {names})",
-                              field="chat_template") from None
-        return ChatTemplate(source, str(path), bos_token, eos_token)
+        return ChatTemplate(*option, bos_token, eos_token)
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():
         return ChatTemplate(jinja.read_text(encoding="utf-8"), str(jinja), bos_token, eos_token)
