@@ -420,8 +420,19 @@ def test_full_token_queue_is_resource_exhausted(small_queue):
 
 
 
-def test_a_cancelled_or_expired_request_leaves_its_line_in_the_log(stub, caplog):
-    """One line per finished request, also when the client ended it."""
+def test_a_cancelled_or_expired_request_leaves_its_line_in_the_log(server, stub, caplog,
+                                                                   monkeypatch):
+    """One line per finished request, also when the client ended it. Steps are slowed to
+    20 ms, so the cancelled request is still running when its cancel arrives (on a loaded
+    machine 200 fast steps could finish first, and the line would rightly say `length`)."""
+    real = server.engine.runner.execute
+
+    def slow(plan, *args):
+        time.sleep(0.02)
+        return real(plan, *args)
+
+    monkeypatch.setattr(server.engine.runner, "execute", slow)
+
     def ended() -> list[str]:
         return [r.getMessage() for r in caplog.records
                 if r.getMessage().startswith("request ") and ("cancelled" in r.getMessage()
