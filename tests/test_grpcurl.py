@@ -67,7 +67,10 @@ def test_health_and_a_streamed_generation(address):
                        '"stopping": {"max_new_tokens": 4, "ignore_eos": true}}')
     assert out.returncode == 0, out.stderr
     messages = [json.loads(m) for m in out.stdout.replace("}\n{", "}\x00{").split("\x00")]
-    assert len(messages) == 4
+    # One message per step with a token, or fewer where the reader fell behind (the tokens
+    # that piled up go out together, docs/serving.md): the counts rise to 4.
+    counts = [m["generated_token_count"] for m in messages]
+    assert 1 <= len(messages) <= 4 and counts == sorted(set(counts)), counts
     assert messages[-1]["stop_reason"] == "STOP_REASON_MAX_TOKENS"
     assert messages[-1]["generated_token_count"] == 4
 
