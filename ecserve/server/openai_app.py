@@ -25,7 +25,15 @@ from ecserve.server.auth import bearer_allowed
 from ecserve.server.chat_template import ChatTemplate
 from ecserve.server.front_end import FrontEnd
 from ecserve.server.live import Item
-from ecserve.server.openai_params import ApiError, Body, Call, Kind, api_message, parse_call
+from ecserve.server.openai_params import (
+    ApiError,
+    Body,
+    Call,
+    Kind,
+    api_message,
+    chat_prompt,
+    parse_call,
+)
 from ecserve.server.openai_shapes import Shaper
 from ecserve.server.request_log import log_finished, log_rejected
 from ecserve.types import FinishReason, TokenEvent
@@ -260,8 +268,6 @@ class OpenAIApp:
         body = Body(await self._body(scope, receive))
         info = live.info
         if body.get("messages") is not None:
-            from ecserve.server.openai_params import chat_prompt
-
             ids = list(chat_prompt(body, self.template, info.encode))
         else:
             prompt = body.string("prompt")

@@ -151,15 +151,7 @@ class Shaper:
                 choice["logprobs"] = (self.chat_logprobs(st.entries)
                                       if call.logprobs is not None else None)
             else:
-                entries = st.entries
-                if call.echo:
-                    prompt = call.prompt_texts[call.prompt_of(i)]
-                    text = (prompt if prompt is not None else self.token_text_of(i)) + text
-                    if call.logprobs is not None:
-                        entries = self._prompt_entries(i) + entries
-                choice["text"] = text
-                choice["logprobs"] = (self.completion_logprobs(st, entries)
-                                      if call.logprobs is not None else None)
+                self._completion_body(choice, i, text, st.entries, echo=call.echo)
             choice["finish_reason"] = self.finish_reason(st)
             choice["stop_reason"] = self.stop_reason(st)
             if call.prompt_logprobs is not None:
@@ -167,6 +159,19 @@ class Shaper:
             choices.append(choice)
         return {"id": call.id, "object": self.object, "created": call.created,
                 "model": call.model, "choices": choices, "usage": self.usage()}
+
+    def _completion_body(self, choice: dict[str, Any], index: int, text: str,
+                         entries: list[Entry], echo: bool) -> None:
+        """A completions choice's text and logprobs; with echo the prompt comes first (its
+        tokens first in the logprobs too)."""
+        if echo:
+            prompt = self.call.prompt_texts[self.call.prompt_of(index)]
+            text = (prompt if prompt is not None else self.token_text_of(index)) + text
+            if self.call.logprobs is not None:
+                entries = self._prompt_entries(index) + entries
+        choice["text"] = text
+        choice["logprobs"] = (self.completion_logprobs(self.choices[index], entries)
+                              if self.call.logprobs is not None else None)
 
     def token_text_of(self, index: int) -> str:
         """A prompt given as ids, as text (for echo)."""
@@ -187,14 +192,7 @@ class Shaper:
             choice["logprobs"] = (self.chat_logprobs(entries)
                                   if call.logprobs is not None else None)
         else:
-            if first and call.echo:
-                prompt = call.prompt_texts[call.prompt_of(index)]
-                text = (prompt if prompt is not None else self.token_text_of(index)) + text
-                if call.logprobs is not None:
-                    entries = self._prompt_entries(index) + entries
-            choice["text"] = text
-            choice["logprobs"] = (self.completion_logprobs(st, entries)
-                                  if call.logprobs is not None else None)
+            self._completion_body(choice, index, text, entries, echo=first and call.echo)
         choice["finish_reason"] = self.finish_reason(st)
         choice["stop_reason"] = self.stop_reason(st)
         if first and call.prompt_logprobs is not None:
