@@ -15,6 +15,9 @@ import torch
 # any kernel is defined: here, before a test module imports ecserve_kernels, whatever the order.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Engines and servers started by tests decode eagerly: compiling the decode step costs seconds to
+# a minute per engine. The tests of the compiled step turn it back on (test_compiled_decode.py).
+os.environ.setdefault("ECSERVE_COMPILED_DECODE", "0")
 
 from ecserve.config import ModelConfig
 from ecserve.model.default import init_weights, write_model

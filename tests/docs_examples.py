@@ -356,9 +356,12 @@ def _ready(host: str, port: int, metrics: bool) -> bool:
 
 def environment() -> dict[str, str]:
     """A user's shell: this interpreter's bin first (ecserve, grpcurl), nothing of the test run's
-    own ecserve settings, output unbuffered so stdout and stderr interleave as in a terminal."""
+    own ecserve settings but eager decode steps (a compile per example would take minutes; a
+    newcomer's compiled `ecserve serve` is tested in test_compiled_decode.py), output
+    unbuffered so stdout and stderr interleave as in a terminal."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ECSERVE_") and k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+           if (not k.startswith("ECSERVE_") or k == "ECSERVE_COMPILED_DECODE")
+           and k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1",
                COLUMNS="100", PYTHONIOENCODING="utf-8")
     return env

@@ -54,10 +54,12 @@ class EngineConfig:
     """torch (plain PyTorch) | triton (the fused expert MLP and paged decode attention of
     ecserve_kernels) | auto (triton on CUDA devices; on CPUs ecserve's C++ ops, built on first
     use, where a compiler is found, else plain torch)."""
-    decode: Literal["eager", "compiled"] = "eager"
+    decode: Literal["eager", "compiled"] = "compiled"
     """compiled: on a CPU, run pure-decode steps of per-token routing policies through one
-    torch.compile'd graph, compiled at start (needs a C++ compiler; the first compile takes
-    tens of seconds, later starts reuse the cache); eager: operator by operator."""
+    torch.compile'd graph, compiled at start (the first compile takes tens of seconds, later
+    starts reuse inductor's cache); where it cannot (no C++ compiler, a routing policy that
+    mixes sequences, ECSERVE_COMPILED_DECODE=0) steps run eagerly and the log says why in one
+    line. eager: operator by operator."""
     cuda_graphs: bool = True
     """On CUDA with the Triton kernels, capture pure decode steps as CUDA graphs (one per
     routing-group layout) and replay them; the default scope's layouts are captured at start."""

@@ -17,6 +17,7 @@ sequence and one with the batch and the block-table width symbolic (2 .. max_bat
 from __future__ import annotations
 
 import logging
+import os
 import time
 import types
 from typing import Any
@@ -31,6 +32,8 @@ from ecserve.routing import ROUTING_POLICIES, policy_for
 from ecserve.types import MoEStats, StepPlan
 
 log = logging.getLogger(__name__)
+# The test suite sets it to 0: compiling costs seconds to a minute for every engine it starts.
+KILL_SWITCH = "ECSERVE_COMPILED_DECODE"
 MIN_TABLE = 2  # block tables are padded to at least this width: dynamo specialises a size of 1
 # The symbolic sizes' ranges, the same for every engine: inductor's graph cache is shared by all
 # processes, and a graph cached for a narrower range would guard a wider one out.
@@ -49,6 +52,8 @@ def _own_code(fn: types.FunctionType) -> types.FunctionType:
 def compile_blocker(model: Transformer) -> str | None:
     """Why this model's decode steps cannot run compiled (None: they can)."""
     cfg = model.cfg
+    if os.environ.get(KILL_SWITCH, "1") == "0":
+        return f"turned off by {KILL_SWITCH}=0"
     if model.embed.device.type != "cpu":
         return "the compiled decode step runs on CPUs (GPUs replay CUDA graphs)"
     if model.kernels.attention != "torch":
@@ -61,6 +66,18 @@ def compile_blocker(model: Transformer) -> str | None:
                 f"(compiled: {', '.join(per_token)})")
     if any(b.moe is not None and b.moe.experts.name == "expert-parallel" for b in model.layers):
         return "expert parallelism exchanges rows between processes each step"
+    return None
+
+
+def compiler_missing() -> str | None:
+    """Why inductor cannot build C++ here (None: it can); asked before compiling, so a machine
+    without a compiler says so in one line instead of a traceback from inside inductor."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as exc:
+        return f"no C++ compiler ({str(exc).strip().splitlines()[0][:200]})"
     return None
 
 

@@ -112,8 +112,10 @@ class Engine:
         self.text: TextStage | None = TextStage(self.tokenizer) if detokenize else None
         if cfg.cuda_graphs and device.type == "cuda" and experts is None:
             self._start_decode_graphs()
-        if cfg.decode == "compiled" and experts is None:
-            blocker = self.runner.enable_compiled_decode(cfg.max_num_seqs)
+        if cfg.decode == "compiled" and device.type == "cpu":  # GPUs replay CUDA graphs
+            blocker = ("expert parallelism exchanges rows between processes each step"
+                       if experts is not None
+                       else self.runner.enable_compiled_decode(cfg.max_num_seqs))
             if blocker is not None:
                 log.info("decode steps run eagerly: %s", blocker)
         self.seqs: dict[str, Sequence] = {}

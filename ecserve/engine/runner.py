@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 
 from ecserve.config import ConfigError
-from ecserve.engine.compiled_decode import CompiledDecode, compile_blocker
+from ecserve.engine.compiled_decode import CompiledDecode, compile_blocker, compiler_missing
 from ecserve.engine.decode_graphs import DecodeGraphs, graph_blocker
 from ecserve.engine.expert_timing import TimedExperts, armed, timers
 from ecserve.model.attention import LayerKV
@@ -152,6 +152,7 @@ class ModelRunner:
         blocker = compile_blocker(self.model)
         if blocker is None and self.table_width is None:
             blocker = "the compiled decode step needs a fixed block table width"
+        blocker = blocker or compiler_missing()
         if blocker is not None:
             return blocker
         assert self.table_width is not None
@@ -159,9 +160,9 @@ class ModelRunner:
             compiled = CompiledDecode(self.model, self.kv, self.block_size, max_batch,
                                       self.table_width)
             seconds = compiled.warm_up()
-        except Exception as exc:  # no compiler, an inductor bug: slower, never down
-            log.exception("compiling the decode step failed; decode steps run eagerly")
-            return f"compiling failed: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # an inductor bug, a full disk: slower, never down
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            return f"compiling failed: {type(exc).__name__}: {first}"
         log.info("compiled the decode step (1 .. %d sequences) in %.1f s", max_batch, seconds)
         self.compiled = compiled
         return None
