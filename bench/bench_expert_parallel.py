@@ -67,9 +67,13 @@ def run_config(model_dir: Path, world: int, plan, prompts, new_tokens: int, devi
         engine = Engine(model_dir, cfg)
         times = run_workload(engine, prompts, new_tokens)
         return {"times": times, "counted": 0.0, "per_rank_sent": [0]}
-    engine = Engine(model_dir, cfg, experts=owned_experts(plan, 0))
-    ep = ExpertParallel(engine, world, plan, backend=backend, timeout_s=120,
+    ep = ExpertParallel(read_config(model_dir), world, plan, backend=backend, timeout_s=120,
                         worker_threads=threads)
+    try:
+        engine = Engine(model_dir, cfg, experts=owned_experts(plan, 0), lockstep=ep.attach)
+    except BaseException:
+        ep.close()
+        raise
     try:
         times = run_workload(engine, prompts, new_tokens)
         counted = traffic(engine.runner.model)

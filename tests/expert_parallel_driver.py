@@ -76,9 +76,13 @@ def main(model_dir: str, world: int, scope: str, out: str, placement: str) -> No
     else:
         plan = load_plan(placement, cfg)
     experts = None if placement == "interleaved" else owned_experts(plan, 0)
-    engine = Engine(model_dir, engine_config(), experts=experts)
+    ep = ExpertParallel(cfg, world, plan, timeout_s=60)
+    try:
+        engine = Engine(model_dir, engine_config(), experts=experts, lockstep=ep.attach)
+    except BaseException:
+        ep.close()
+        raise
     model = engine.runner.model
-    ep = ExpertParallel(engine, world, plan, timeout_s=60)
     try:
         result = serve(engine, scope)
         result["shapes"] = {b.moe.layer: tuple(b.moe.w_gate.shape) for b in model.layers

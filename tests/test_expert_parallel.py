@@ -396,3 +396,28 @@ def test_a_signal_to_the_whole_process_group_drains_like_one_process(make_model,
 
     assert stream.messages[-1].stop_reason == pb.STOP_REASON_MAX_TOKENS, text
     assert " ERROR " not in text and "CRITICAL" not in text and "Traceback" not in text, text
+
+
+def test_the_workers_stop_when_rank_0s_engine_fails_to_build(make_model):
+    """The group starts before rank 0's engine (the runner is made with it); an engine that
+    fails to build stops the workers, which had no setup yet, cleanly."""
+    script = f"""
+from ecserve.config import ConfigError, EngineConfig
+from ecserve.engine.engine import Engine
+from ecserve.model.weights import read_config
+from ecserve.parallel.driver import ExpertParallel
+
+model = {str(make_model())!r}
+ep = ExpertParallel(read_config(model), 2, timeout_s=60)
+try:
+    Engine(model, EngineConfig(device="cpu", kv_cache_bytes=1), lockstep=ep.attach)
+except ConfigError as e:
+    print("engine:", e)
+ep.close()
+print("workers:", [p.wait(30) for p in ep.workers])
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "holds no block" in proc.stdout, proc.stdout
+    assert proc.stdout.strip().endswith("workers: [0]"), proc.stdout + proc.stderr[-2000:]

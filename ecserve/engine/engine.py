@@ -21,8 +21,10 @@ from ecserve.engine.kv_cache import BlockManager
 from ecserve.engine.limits import RequestError, RequestLimits
 from ecserve.engine.output import append_token, end_without_token
 from ecserve.engine.runner import (
+    Lockstep,
     ModelRunner,
     RunnerLost,
+    RunnerSetup,
     free_memory_bytes,
     kv_bytes_per_block,
     model_kernels,
@@ -31,6 +33,7 @@ from ecserve.engine.sampler import sample, token_logprobs
 from ecserve.engine.sequence import Sequence
 from ecserve.engine.text import TextStage
 from ecserve.model.default import default_model_dir
+from ecserve.model.transformer import Transformer
 from ecserve.model.weights import TORCH_DTYPES, ExpertFilter, load_model, read_config
 from ecserve.tokenizer import load_tokenizer
 from ecserve.types import (
@@ -76,10 +79,13 @@ class EngineObserver(Protocol):
 
 class Engine:
     def __init__(self, model_dir: str | Path | None = None, cfg: EngineConfig | None = None,
-                 *, experts: ExpertFilter | None = None, detokenize: bool = True):
+                 *, experts: ExpertFilter | None = None,
+                 lockstep: Callable[[Transformer, RunnerSetup], Lockstep] | None = None,
+                 detokenize: bool = True):
         """experts (expert parallelism): load only these experts of each MoE layer
-        (ecserve.model.weights.ExpertFilter); the model then needs
-        ecserve.parallel.moe_ep.shard_experts before its first step.
+        (ecserve.model.weights.ExpertFilter). lockstep (expert parallelism): called with the
+        loaded model and what the other ranks need, before the runner is made; returns the
+        processes the runner steps with (ecserve.parallel.driver.ExpertParallel.attach).
         detokenize: events carry text and stop sequences end requests (ecserve.engine.text);
         False for an engine core whose caller runs the text stage itself."""
         self.cfg = cfg = cfg or EngineConfig()
@@ -102,20 +108,25 @@ class Engine:
                            kernels=model_kernels(cfg.kernels, device, cfg.expert_timing_every > 0))
         num_blocks = self._num_kv_blocks(model, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
+        peers = None if lockstep is None else lockstep(model, RunnerSetup(
+            str(self.model_dir), self.dtype_name, str(device), num_blocks, cfg.block_size,
+            cfg.kernels))
         self.runner = ModelRunner(model, num_blocks, cfg.block_size,
-                                  table_width=-(-self.max_model_len // cfg.block_size))
+                                  table_width=-(-self.max_model_len // cfg.block_size),
+                                  lockstep=peers)
         self.limits = RequestLimits(mc.vocab_size, self.max_model_len, cfg.max_waiting,
                                     cfg.max_waiting_tokens, cfg.block_size, num_blocks)
         self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks, self.limits)
         # For callers that step the engine themselves and want text; None where the caller
         # runs the text stage (a server's front end, LLM), which sets it so.
         self.text: TextStage | None = TextStage(self.tokenizer) if detokenize else None
-        if cfg.cuda_graphs and device.type == "cuda" and experts is None:
+        # Expert-parallel steps run collectives with the other ranks: no graph holds them.
+        parallel = experts is not None or lockstep is not None
+        if cfg.cuda_graphs and device.type == "cuda" and not parallel:
             self._start_decode_graphs()
         if cfg.decode == "compiled" and device.type == "cpu":  # GPUs replay CUDA graphs
             blocker = ("expert parallelism exchanges rows between processes each step"
-                       if experts is not None
-                       else self.runner.enable_compiled_decode(cfg.max_num_seqs))
+                       if parallel else self.runner.enable_compiled_decode(cfg.max_num_seqs))
             if blocker is not None:
                 log.info("decode steps run eagerly: %s", blocker)
         self.seqs: dict[str, Sequence] = {}

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -101,12 +101,37 @@ def _kernels(choice: str, device: torch.device) -> Kernels:
     return Kernels("torch", FilledExperts())
 
 
+@dataclasses.dataclass(frozen=True)
+class RunnerSetup:
+    """What another process needs to build the same runner (an expert-parallel worker)."""
+    model_dir: str
+    dtype: str
+    device: str
+    num_blocks: int
+    block_size: int
+    kernels: str  # EngineConfig.kernels: the same operators on every rank
+
+
+class Lockstep(Protocol):
+    """Other processes that run every step of this runner with it, exchanging rows in its MoE
+    layers (expert parallelism: ecserve.parallel.driver.ExpertParallel)."""
+
+    lost: str | None  # why they can follow no further step; set by the runner or a watchdog
+
+    def announce(self, plan: StepPlan) -> None:
+        """Before each step: send them the plan."""
+
+    def traffic(self) -> dict[int, tuple[torch.Tensor, int]]:
+        """MoE layer -> (int64 [W, W] token rows sent rank src -> dst so far, calls so far)."""
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 table_width: int | None = None) -> None:
+                 table_width: int | None = None, lockstep: Lockstep | None = None) -> None:
         """table_width: block tables are padded to this many blocks (the longest sequence's),
         so the paged kernel's shapes, and its rounding, never follow the context lengths
-        (None: each step's longest table)."""
+        (None: each step's longest table). lockstep: the processes that run each step with
+        this one (expert parallelism; its steps then run eagerly and time no expert)."""
         cfg = model.cfg
         assert cfg.num_kv_heads is not None and cfg.head_dim is not None
         self.model = model
@@ -118,7 +143,8 @@ class ModelRunner:
         # Decode runs go to the paged kernel (Attention.attend): no padded key layout for them.
         self.paged_decode = kernels == "triton" and cfg.position_encoding != "relative_bias"
         self.last_step_graphed = False  # whether the last execute() replayed a decode graph
-        self.lost: str | None = None  # why no further step can run (see RunnerLost)
+        self.lockstep = lockstep
+        self._lost: str | None = None
         self.device = model.embed.device
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed, not empty: attention gathers padded slots, and garbage could hold NaNs.
@@ -127,6 +153,19 @@ class ModelRunner:
                     torch.zeros(shape, dtype=model.embed.dtype, device=self.device))
             for _ in range(cfg.num_layers)
         ]
+
+    @property
+    def lost(self) -> str | None:
+        """Why no further step can run (see RunnerLost); None while steps can."""
+        if self._lost is None and self.lockstep is not None:
+            self._lost = self.lockstep.lost
+        return self._lost
+
+    @lost.setter
+    def lost(self, why: str | None) -> None:
+        self._lost = why
+        if self.lockstep is not None:
+            self.lockstep.lost = why
 
     def enable_decode_graphs(self, max_batch: int, max_graphs: int,
                              capture: bool = True) -> str | None:
@@ -183,6 +222,22 @@ class ModelRunner:
 
         With `time_experts`, each MoE layer built with a TimedExperts backend also times every
         expert's work alone (metrics)."""
+        if self.lockstep is None:
+            return self._execute(plan, time_experts)
+        if self.lost is not None:
+            raise RunnerLost(self.lost)
+        try:
+            self.lockstep.announce(plan)
+            # No per-expert timing: a rank holds only some experts' weights.
+            return self._execute(plan, False)
+        except Exception as exc:
+            # A rank died (gloo: "Connection closed by peer"), or this rank failed part-way
+            # through the step while the others wait in its collectives: no rank can follow
+            # another step, so fail fast rather than hang until the group timeout.
+            self.lost = f"expert-parallel step failed: {type(exc).__name__}: {exc}"
+            raise RunnerLost(self.lost) from exc
+
+    def _execute(self, plan: StepPlan, time_experts: bool) -> tuple[torch.Tensor, list[MoEStats]]:
         with self.on_device():
             graphs = self.decode_graphs
             self.last_step_graphed = False
@@ -218,8 +273,8 @@ class ModelRunner:
 
     def expert_traffic(self) -> dict[int, tuple[torch.Tensor, int]]:
         """MoE layer -> (int64 [W, W] token rows sent rank src -> dst so far, calls so far);
-        empty on one device, where no row crosses (the expert-parallel runner fills it)."""
-        return {}
+        empty on one device, where no row crosses."""
+        return {} if self.lockstep is None else self.lockstep.traffic()
 
     def on_device(self) -> contextlib.AbstractContextManager[Any]:
         """Make the runner's GPU current (Triton launches and graph captures use the current

@@ -1,13 +1,14 @@
 """Rank 0: the engine's runner in lockstep with the worker ranks.
 
-Rank 0 runs the whole Engine (batcher, sampler, server). Each step it broadcasts the StepPlan;
-every rank then runs the same forward on its own full KV cache (attention and dense layers are
-replicated), the MoE layers exchange token rows with their experts' owners, and only rank 0's
-logits are used.
+Rank 0 runs the whole Engine (batcher, sampler, server). Each step its runner announces the
+StepPlan through ExpertParallel (the runner's Lockstep); every rank then runs the same forward on
+its own full KV cache (attention and dense layers are replicated), the MoE layers exchange token
+rows with their experts' owners, and only rank 0's logits are used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -18,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 import ecserve
-from ecserve.engine.runner import ModelRunner, RunnerLost
+from ecserve.config import ModelConfig
+from ecserve.engine.runner import RunnerSetup
+from ecserve.model.transformer import Transformer
 from ecserve.parallel.group import ParallelGroup, destroy_group, free_port, init_group
 from ecserve.parallel.moe_ep import (
     default_placement,
@@ -27,7 +30,7 @@ from ecserve.parallel.moe_ep import (
     traffic,
 )
 from ecserve.placement.plan import Placement
-from ecserve.types import MoEStats, StepPlan
+from ecserve.types import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -50,79 +53,63 @@ def worker_command(rank: int, world: int, port: int, backend: str, timeout_s: fl
             "--port", str(port), "--backend", backend, "--timeout", str(timeout_s)]
 
 
-class DriverRunner(ModelRunner):
-    """Rank 0's ModelRunner: broadcasts each plan, then runs it like every other rank."""
-
-    def __init__(self, inner: ModelRunner, group: ParallelGroup) -> None:
-        self.__dict__.update(inner.__dict__)  # same model, KV tensors, kernels (no new cache)
-        # Graphs captured before the experts were sharded would replay one rank's MoE alone;
-        # every step here also runs collectives with the other ranks, so it runs eagerly.
-        self.decode_graphs = None
-        self.group = group
-        self.closed = False  # `lost` (inherited) is set by a failed step or the watchdog
-
-    def execute(
-        self, plan: StepPlan, time_experts: bool = False
-    ) -> tuple[torch.Tensor, list[MoEStats]]:
-        if self.lost is not None:
-            raise RunnerLost(self.lost)
-        try:
-            broadcast(("step", plan))
-            # Per-expert timing is off here: a rank holds only some experts' weights.
-            return super().execute(plan, False)
-        except Exception as exc:
-            # A rank died (gloo: "Connection closed by peer"), or this rank failed part-way
-            # through the step while the others wait in its collectives: no rank can follow
-            # another step, so fail fast rather than hang until the group timeout.
-            self.lost = f"expert-parallel step failed: {type(exc).__name__}: {exc}"
-            raise RunnerLost(self.lost) from exc
-
-    def expert_traffic(self) -> dict[int, tuple[torch.Tensor, int]]:
-        return traffic(self.model)
-
-    def close(self) -> None:
-        """Tell the workers to exit (once; a lost group cannot be told anything)."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.lost is None:
-            broadcast(("stop", None))
-
-
 class ExpertParallel:
-    """Rank 0's handle on an expert-parallel group of local worker processes (127.0.0.1).
+    """Rank 0's side of an expert-parallel group: local worker processes (127.0.0.1), or a
+    group torchrun started; the engine's runner steps in lockstep with them.
 
-    placement: the planner's per-layer plan over `world` devices (None: the balanced one);
-    rank r runs the experts whose primary device is r. For the smallest rank-0 footprint, build
-    the engine with `Engine(..., experts=owned_experts(placement, 0))` (it then never loads the
-    other experts); an engine holding all experts works too (they are dropped here)."""
+    Made before the engine, then handed to it: `Engine(..., lockstep=ep.attach)` calls
+    `attach` once its model and KV cache are sized, before the runner is made, and the runner
+    announces each step through it (ecserve.engine.runner.Lockstep). placement: the planner's
+    per-layer plan over `world` devices (None: the balanced one); rank r runs the experts whose
+    primary device is r. For the smallest rank-0 footprint, build the engine with
+    `experts=owned_experts(placement, 0)` (it then never loads the other experts); an engine
+    holding all experts works too (they are dropped in `attach`)."""
 
-    def __init__(self, engine, world: int, placement: Placement | None = None,
+    def __init__(self, model_cfg: ModelConfig, world: int, placement: Placement | None = None,
                  port: int | None = None, backend: str = "gloo",
                  timeout_s: float = 600.0, worker_threads: int | None = None,
                  group: ParallelGroup | None = None) -> None:
         if world < 2:
             raise ValueError(f"expert parallelism needs 2 or more ranks, got {world}")
-        if placement is not None:  # before starting any process
-            executable_placement(placement, engine.model_cfg, world)
+        # Checked before any process starts.
+        self.placement = executable_placement(placement or default_placement(model_cfg, world),
+                                              model_cfg, world)
         self.worker_threads = worker_threads
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.lost: str | None = None  # why no rank can follow another step (Lockstep.lost)
+        self.model: torch.nn.Module | None = None
+        self._attached = False
         self._closing = threading.Event()
-        if group is not None:  # joined already (torchrun started the other ranks)
-            self.runner = enable_expert_parallel(engine, group, placement, worker_threads)
-            return
-        port = port or free_port()
-        self.workers = [
-            subprocess.Popen(worker_command(r, world, port, backend, timeout_s))
-            for r in range(1, world)
-        ]
-        try:
-            group = init_group(0, world, port=port, backend=backend, timeout_s=timeout_s)
-            self.runner = enable_expert_parallel(engine, group, placement, worker_threads)
-        except BaseException:
-            self._reap(0)
-            raise
-        threading.Thread(target=self._watch, name="ecserve-ep-watchdog", daemon=True).start()
+        if group is None:
+            port = port or free_port()
+            self.workers = [
+                subprocess.Popen(worker_command(r, world, port, backend, timeout_s))
+                for r in range(1, world)
+            ]
+            try:
+                group = init_group(0, world, port=port, backend=backend, timeout_s=timeout_s)
+            except BaseException:
+                self._reap(0)
+                raise
+            threading.Thread(target=self._watch, name="ecserve-ep-watchdog",
+                             daemon=True).start()
+        self.group = group
+
+    def attach(self, model: Transformer, setup: RunnerSetup) -> ExpertParallel:
+        """Send the workers what to load, keep only rank 0's experts; the runner's Lockstep."""
+        broadcast({**dataclasses.asdict(setup), "placement": self.placement,
+                   "num_threads": self.worker_threads or torch.get_num_threads()})
+        self._attached = True
+        shard_experts(model, self.group, self.placement)
+        self.model = model
+        return self
+
+    def announce(self, plan: StepPlan) -> None:
+        broadcast(("step", plan))
+
+    def traffic(self) -> dict[int, tuple[torch.Tensor, int]]:
+        assert self.model is not None
+        return traffic(self.model)
 
     def _watch(self) -> None:
         """Mark the group lost as soon as a worker process exits, so an idle server stops
@@ -131,18 +118,24 @@ class ExpertParallel:
             for rank, p in enumerate(self.workers, start=1):
                 code = p.poll()
                 if code is not None and not self._closing.is_set():
-                    self.runner.lost = (f"expert-parallel worker rank {rank} (pid {p.pid}) "
-                                        f"exited with code {code}")
-                    log.error("%s", self.runner.lost)
+                    self.lost = (f"expert-parallel worker rank {rank} (pid {p.pid}) exited "
+                                 f"with code {code}")
+                    log.error("%s", self.lost)
                     return
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the workers and leave the group (a lost group's workers get 2 s, then a kill:
-        they may sit in a collective rank 0 never joins)."""
+        """Tell the workers to exit (once; a lost group cannot be told anything), stop them and
+        leave the group (a lost group's workers get 2 s, then a kill: they may sit in a
+        collective rank 0 never joins)."""
+        if self._closing.is_set():
+            return
         self._closing.set()
-        lost = self.runner.lost is not None
+        lost = self.lost is not None
         try:
-            self.runner.close()
+            if not lost:
+                # Workers that never got their setup (the engine failed to build) wait for
+                # that first message: "stop" in its place ends them too.
+                broadcast(("stop", None) if self._attached else {"stop": True})
         finally:
             if not lost:  # a broken group's teardown can wait on the dead peer
                 destroy_group()
@@ -156,26 +149,3 @@ class ExpertParallel:
                 log.warning("expert-parallel worker %d did not exit; killing it", p.pid)
                 p.kill()
                 p.wait()
-
-
-def enable_expert_parallel(engine, group: ParallelGroup, placement: Placement | None = None,
-                           worker_threads: int | None = None) -> DriverRunner:
-    """Rank 0, after joining the group: send the workers what to load, keep only rank 0's
-    experts, and run the engine's steps in lockstep with them."""
-    mc = engine.model_cfg
-    placement = executable_placement(placement or default_placement(mc, group.world), mc,
-                                     group.world)
-    runner = engine.runner
-    broadcast({
-        "model_dir": str(engine.model_dir),
-        "dtype": engine.dtype_name,
-        "device": str(engine.device),
-        "num_blocks": engine.blocks.num_blocks,
-        "block_size": engine.cfg.block_size,
-        "kernels": engine.cfg.kernels,  # the same operators on every rank
-        "placement": placement,
-        "num_threads": worker_threads or torch.get_num_threads(),
-    })
-    shard_experts(runner.model, group, placement)
-    engine.runner = DriverRunner(runner, group)
-    return engine.runner

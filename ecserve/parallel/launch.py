@@ -61,15 +61,20 @@ def load_expert_parallel(model: str | None, engine_cfg: EngineConfig, world: int
     if torchrun:
         group = init_from_env("nccl" if engine_cfg.device.startswith("cuda") else "gloo")
     try:
-        # Rank 0 reads only its own experts from the checkpoint, as the workers do.
-        engine = Engine(model, engine_cfg, experts=owned_experts(placement, 0),
-                        detokenize=detokenize)
-        handle = ExpertParallel(engine, world, placement, group=group)
+        ep = ExpertParallel(read_config(model or default_model_dir()), world, placement,
+                            group=group)
     except BaseException:
         if group is not None:
             destroy_group()
         raise
-    return engine, handle.close
+    try:
+        # Rank 0 reads only its own experts from the checkpoint, as the workers do.
+        engine = Engine(model, engine_cfg, experts=owned_experts(placement, 0),
+                        lockstep=ep.attach, detokenize=detokenize)
+    except BaseException:
+        ep.close()
+        raise
+    return engine, ep.close
 
 
 def _follow(engine_cfg: EngineConfig) -> int:

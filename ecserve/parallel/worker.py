@@ -27,6 +27,8 @@ def run_worker(group: ParallelGroup, local_rank: int | None = None) -> int:
     the device of its local rank (torchrun's LOCAL_RANK; the rank on one machine)."""
     setup = broadcast(None)
     assert isinstance(setup, dict)
+    if setup.get("stop"):  # rank 0's engine failed to build: nothing to load
+        return 0
     torch.set_num_threads(setup["num_threads"])
     device = torch.device(setup["device"])
     if device.type == "cuda":
