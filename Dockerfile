@@ -56,22 +56,38 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 FROM ${BASE_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
-# The venv's python links to the base interpreter, so the runtime needs the same python3.
-# hadolint ignore=DL3008
-RUN if ! command -v python3 >/dev/null; then \
+# The venv's python links to the base interpreter, so the runtime needs the same python3. A C++
+# compiler and Python's headers: ecserve's CPU ops are built for the host's CPU (-march=native)
+# on first use, and inductor compiles the decode step to C++ at start (docs/deployment.md).
+# $packages is a list, split on purpose (SC2086).
+# hadolint ignore=DL3008,SC2086
+RUN packages=""; \
+    command -v python3 >/dev/null || packages="python3 python3-dev"; \
+    command -v g++ >/dev/null || packages="$packages g++"; \
+    if command -v python3 >/dev/null && ! python3 -c 'import os, sysconfig; \
+            raise SystemExit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; then \
+        packages="$packages python3-dev"; \
+    fi; \
+    if [ -n "$packages" ]; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends python3 \
+        && apt-get install -y --no-install-recommends $packages \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
-    && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin ecserve
+    && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin ecserve \
+    && mkdir -p /var/cache/ecserve \
+    && chown 10001:10001 /var/cache/ecserve
 
 COPY --from=builder /opt/venv /opt/venv
 
 # Serve another model by mounting its directory and setting ECSERVE_MODEL, or with --model.
-# No C++ compiler here: ecserve's CPU ops are not built (docs/deployment.md), plain torch runs.
+# The CPU ops' build and inductor's compiled decode step are cached in /var/cache/ecserve: a
+# volume (anonymous unless one is mounted, so a read-only root still writes there), and a
+# restart of the same container, or one given the same volume, starts warm.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    ECSERVE_CPU_OPS=0
+    TORCH_EXTENSIONS_DIR=/var/cache/ecserve/torch_extensions \
+    TORCHINDUCTOR_CACHE_DIR=/var/cache/ecserve/inductor
+VOLUME /var/cache/ecserve
 
 LABEL org.opencontainers.image.title="ecserve" \
       org.opencontainers.image.description="gRPC and OpenAI-compatible inference server for expert-choice MoE models" \
@@ -88,8 +104,9 @@ EXPOSE 50051 8000 9400
 
 # Probes the in-container port; a container run with another --port needs its own --health-cmd.
 # `ecserve health` does not import torch (about 0.2 s); the timeout leaves room on a loaded
-# machine, the start period covers loading the model and the warm-up step.
-HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
+# machine, the start period covers loading the model, building the CPU ops and compiling the
+# decode step on a cold cache (about 2 minutes on 2 cores; warm: seconds).
+HEALTHCHECK --interval=15s --timeout=10s --start-period=240s --retries=3 \
     CMD ["ecserve", "health", "--address", "127.0.0.1:50051", "--timeout", "5"]
 
 STOPSIGNAL SIGTERM

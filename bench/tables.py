@@ -397,6 +397,29 @@ def http_api(results: list[Result]) -> list[Section]:
                     results, blocks)]
 
 
+def start(results: list[Result]) -> list[Section]:
+    blocks = []
+    for res in results:
+        d = res.data
+        s = d["summary"]
+        rows = [[v, f"{s['median_s'][v]:.1f} s",
+                 ", ".join(f"{x:.1f}" for x in d["seconds"][v]),
+                 f"{s['median_compile_s'][v]:.1f} s" if v in s["median_compile_s"] else ""]
+                for v in d["config"]["variants"]]
+        blocks.append(caption(res, results) + table(
+            ["start", "median to SERVING", "each round (s)", "compiling the decode step"], rows)
+            + "\n\n" + para(
+                f"The compiled step's warm start over the eager one: "
+                f"{s['warm_minus_eager_s']:+.1f} s (goal: at most +15 s); its cold start (the "
+                f"CPU ops built, inductor's cache empty): {s['cold_minus_eager_s']:+.1f} s."))
+    what = (
+        "Seconds from spawning `ecserve serve` (the default model, the engine core in its own "
+        "process) to health SERVING: with nothing cached (the CPU ops built and the decode "
+        "step compiled, as a new machine or container), with inductor's cache empty, with it "
+        "warm (a restart), and with `--decode eager`; one of each per round, in that order.")
+    return [Section("Start-up time (`bench_start.py`)", what, results, blocks)]
+
+
 SOAK_KINDS = {"complete": "read to the end", "cancel": "cancel after a few tokens",
               "deadline": "a deadline of 0.05-2 s", "slow": "read slowly"}
 SOAK_PROCESSES = {"process_resident_memory_bytes": "front end",
@@ -652,6 +675,7 @@ RENDERERS: dict[str, Renderer] = {
     "soak": soak,
     "bench_serving": bench_serving,
     "bench_http_api": http_api,
+    "bench_start": start,
     "bench_expert_timing": expert_timing,
     "bench_expert_parallel": expert_parallel,
     "bench_vs_transformers": vs_transformers,

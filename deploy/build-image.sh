@@ -6,7 +6,8 @@
 #   deploy/build-image.sh [TAG]            (default TAG: localhost/ecserve:cpu)
 #
 # Environment:
-#   BASE_TAG     the base image's tag (localhost/ecserve-base:bookworm); made once, then reused
+#   BASE_TAG     the base image's tag (localhost/ecserve-base:bookworm-cxx); made once, then
+#                reused (python3 with its headers and g++: the runtime compiles C++)
 #   SUITE        the Debian suite of the base (bookworm: python 3.11)
 #   APT_SOURCES  the apt sources the base is built from (default: this host's, so a mirror or
 #                proxy that works here works there)
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 tag=${1:-localhost/ecserve:cpu}
-base=${BASE_TAG:-localhost/ecserve-base:bookworm}
+base=${BASE_TAG:-localhost/ecserve-base:bookworm-cxx}
 suite=${SUITE:-bookworm}
 root=$(cd "$(dirname "$0")/.." && pwd)
 podman=(podman)
@@ -35,7 +36,7 @@ if ! "${podman[@]}" image exists "$base"; then
         done
     fi
     echo "base: mmdebstrap $suite from ${sources:-the default Debian mirror}" >&2
-    mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+    mmdebstrap --variant=minbase --include=python3,python3-venv,python3-dev,g++,ca-certificates \
         "$suite" "$tmp/base.tar" ${sources:+"$sources"}
     "${podman[@]}" import --change 'CMD ["/bin/bash"]' "$tmp/base.tar" "$base"
 fi

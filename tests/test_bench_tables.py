@@ -69,6 +69,8 @@ EXPECTED: dict[str, tuple[str, Callable[[Data], bool], Callable[[list[Data]], li
         "bench_moe_layer", lambda d: True, lambda ds: [len(d["cases"]) for d in ds]),
     "(`bench_kernels.py`)": (
         "bench_kernels", lambda d: True, lambda ds: [n for d in ds for n in kernel_rows(d)]),
+    "(`bench_start.py`)": (
+        "bench_start", lambda d: True, lambda ds: [len(d["config"]["variants"]) for d in ds]),
     "(`bench_http_api.py`)": ("bench_http_api", lambda d: True, lambda ds: [
         n for d in ds for n in ([2] if "http_tok_s_at_32" in d["summary"] else [])
         + ([2] if "guidellm_tok_s" in d["summary"] else [])]),
