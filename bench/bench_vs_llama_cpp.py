@@ -2,7 +2,7 @@
 
     pip install -e '.[peer]'    # llama-cpp-python (builds from source, ~7 min here) and gguf
     python bench/bench_vs_llama_cpp.py [--json PATH] [--rounds 5] [--new-tokens 128]
-        [--decode eager|compiled] [--kernels auto|torch]
+        [--decode eager,compiled] [--kernels auto|torch]
 
 The tiny Mixtral of bench_vs_transformers.py (width 512, 4 layers, 8 experts of width 1024,
 top-2) is saved once by transformers, served by ecserve from that directory, and written as
@@ -17,7 +17,8 @@ Tok/s = new tokens / wall time of the whole generation (prefill included), media
 interleaved rounds. Precisions: the same function (ecserve float32; llama.cpp F32 GGUF, F32 KV
 cache, flash attention off: the tokens are compared, sequence by sequence) and each engine at
 its fastest (ecserve bfloat16 with a float32 router; llama.cpp's defaults, F16 GGUF, F16 KV, flash
-attention on). Ratios are ecserve / llama.cpp.
+attention on). Ratios are ecserve / llama.cpp, for each of ecserve's decode paths (--decode:
+the eager step and the compiled one, both by default, timed in the same rounds).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class Row:
     engine: str  # ecserve | llama.cpp
     precision: str
     tokens_per_s: float
+    path: str | None = None  # ecserve's decode path (EngineConfig.decode); None for llama.cpp
 
 
 def llama_cpp_version() -> str:
@@ -139,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the rows, ratios and setup here")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--decode", choices=("eager", "compiled"), default="eager",
-                    help="ecserve's decode path (EngineConfig.decode)")
+    ap.add_argument("--decode", default="eager,compiled",
+                    help="ecserve's decode paths (EngineConfig.decode), comma-separated")
     ap.add_argument("--kernels", choices=("auto", "torch"), default="auto",
                     help="ecserve's operators (EngineConfig.kernels)")
     a = ap.parse_args(argv)
+    paths = a.decode.split(",")
+    if not paths or set(paths) - {"eager", "compiled"}:
+        ap.error(f"--decode: {a.decode!r} is not a list of eager and compiled")
     threads = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     prompts = {w: [torch.randint(0, 256, (PROMPT,), generator=gen).tolist() for _ in range(n)]
@@ -155,22 +160,26 @@ def main(argv: list[str] | None = None) -> int:
                  for ft in ("F32", "F16")}
         ctx = PROMPT + a.new_tokens + 8
         n_max = max(WORKLOADS.values())
-        ours = {dt: LLM(model_dir, EngineConfig(
+        ours = {(dt, path): LLM(model_dir, EngineConfig(
                     device="cpu", dtype=dt, max_num_seqs=n_max, max_model_len=ctx,
                     max_num_batched_tokens=max(512, n_max * PROMPT), expert_timing_every=0,
-                    decode=a.decode, kernels=a.kernels))
-                for dt in ("float32", "bfloat16")}
+                    decode=path, kernels=a.kernels))
+                for path in paths for dt in ("float32", "bfloat16")}
+        for (dt, path), llm in ours.items():
+            if path == "compiled" and llm.engine.runner.compiled is None:
+                raise SystemExit(f"ecserve {dt}: the compiled decode step is unavailable "
+                                 "(the log says why)")
         theirs = {"F32 (F32 KV, no flash attention)": LlamaCpp(ggufs["F32"], n_max, ctx, threads,
                                                                 kv_f32=True, flash=False),
                   "F16 (F16 KV, flash attention)": LlamaCpp(ggufs["F16"], n_max, ctx, threads,
                                                              kv_f32=False, flash=True)}
-        runners = {("ecserve", dt): (lambda p, n, llm=llm: [
+        runners = {("ecserve", dt, path): (lambda p, n, llm=llm: [
                        o.token_ids for o in llm.generate(p, SamplingParams(
                            max_new_tokens=n, ignore_eos=True))])
-                   for dt, llm in ours.items()}
-        runners |= {("llama.cpp", k): peer.generate for k, peer in theirs.items()}
-        times: dict[tuple[str, str, str], list[float]] = {}
-        agree: dict[str, str] = {}
+                   for (dt, path), llm in ours.items()}
+        runners |= {("llama.cpp", k, None): peer.generate for k, peer in theirs.items()}
+        times: dict[tuple[str, str, str, str | None], list[float]] = {}
+        agree: dict[str, dict[str, str]] = {}
         for r in range(a.rounds + 1):  # round 0 warms up and compares the tokens
             for w, ps in prompts.items():
                 outs = {}
@@ -180,36 +189,43 @@ def main(argv: list[str] | None = None) -> int:
                     if r:
                         times.setdefault((w, *key), []).append(time.perf_counter() - t0)
                 if r == 0:
-                    agree[w] = agreement(outs[("ecserve", "float32")],
-                                         outs[("llama.cpp", "F32 (F32 KV, no flash attention)")])
+                    f32 = outs[("llama.cpp", "F32 (F32 KV, no flash attention)", None)]
+                    agree[w] = {path: agreement(outs[("ecserve", "float32", path)], f32)
+                                for path in paths}
         for peer in theirs.values():
             peer.close()
-    rows = [Row(w, eng, prec, len(prompts[w]) * a.new_tokens / statistics.median(ts))
-            for (w, eng, prec), ts in times.items()]
-    speed = {(r.workload, r.engine, r.precision): r.tokens_per_s for r in rows}
-    ratios = {}
+    rows = [Row(w, eng, prec, len(prompts[w]) * a.new_tokens / statistics.median(ts), path)
+            for (w, eng, prec, path), ts in times.items()]
+    speed = {(r.workload, r.engine, r.precision, r.path): r.tokens_per_s for r in rows}
+    ratios: dict[str, dict[str, dict[str, float]]] = {}
     for w in WORKLOADS:
-        same = speed[(w, "ecserve", "float32")] / speed[
-            (w, "llama.cpp", "F32 (F32 KV, no flash attention)")]
-        best_ours = max(v for (ww, e, _), v in speed.items() if ww == w and e == "ecserve")
-        best_theirs = max(v for (ww, e, _), v in speed.items() if ww == w and e == "llama.cpp")
-        ratios[w] = {"same_precision": same, "each_fastest": best_ours / best_theirs}
+        f32 = speed[(w, "llama.cpp", "F32 (F32 KV, no flash attention)", None)]
+        best_theirs = max(v for (ww, e, _, _), v in speed.items()
+                          if ww == w and e == "llama.cpp")
+        ratios[w] = {path: {
+            "same_precision": speed[(w, "ecserve", "float32", path)] / f32,
+            "each_fastest": max(v for (ww, e, _, pp), v in speed.items()
+                                if ww == w and e == "ecserve" and pp == path) / best_theirs}
+            for path in paths}
     setup = {"cpu": cpu_name(), "threads": threads, "torch": torch.__version__,
              "llama_cpp_python": llama_cpp_version(), "python": platform.python_version(),
-             "openmp": openmp_env(), "decode": a.decode, "kernels": a.kernels,
+             "openmp": openmp_env(), "decode": paths, "kernels": a.kernels,
              "prompt_tokens": PROMPT, "new_tokens": a.new_tokens, "rounds": a.rounds,
              "model": SIZE}
     print(f"{setup['cpu']}, {threads} threads ({setup['openmp'] or 'OpenMP defaults'}), "
-          f"ecserve --decode {a.decode} --kernels {a.kernels}, torch {setup['torch']}, "
+          f"ecserve --kernels {a.kernels}, torch {setup['torch']}, "
           "llama-cpp-python "
           f"{setup['llama_cpp_python']}; {PROMPT}-token prompts, {a.new_tokens} new tokens, "
           f"greedy, median of {a.rounds} rounds")
-    print(f"{'workload':<13}{'engine':<11}{'precision':<36}{'tok/s':>8}")
+    print(f"{'workload':<13}{'engine':<20}{'precision':<36}{'tok/s':>8}")
     for r in rows:
-        print(f"{r.workload:<13}{r.engine:<11}{r.precision:<36}{r.tokens_per_s:>8.0f}")
-    for w, rr in ratios.items():
-        print(f"{w}: ecserve / llama.cpp = {rr['same_precision']:.2f} at float32, "
-              f"{rr['each_fastest']:.2f} each at its fastest; tokens (float32 vs F32): {agree[w]}")
+        engine = r.engine + (f" {r.path}" if r.path else "")
+        print(f"{r.workload:<13}{engine:<20}{r.precision:<36}{r.tokens_per_s:>8.0f}")
+    for w, by_path in ratios.items():
+        for path, rr in by_path.items():
+            print(f"{w}, ecserve {path}: ecserve / llama.cpp = {rr['same_precision']:.2f} at "
+                  f"float32, {rr['each_fastest']:.2f} each at its fastest; tokens (float32 vs "
+                  f"F32): {agree[w][path]}")
     if a.json:
         a.json.write_text(json.dumps({
             **stamp(__file__, argv, packages=("llama_cpp_python", "gguf")),

@@ -218,24 +218,35 @@ def short_precision(engine: str, precision: str) -> str:
     return {"float32": "f32", "bfloat16": "bf16"}.get(precision, precision.split(" (")[0])
 
 
+def peer_cell(speed: dict[tuple[str, str, str, str | None], float], workload: str, engine: str,
+              precision: str, path: str | None) -> str:
+    """One engine's tok/s in a row of ecserve's decode `path` (llama.cpp's rows have none)."""
+    v = speed.get((workload, engine, precision, path if engine == "ecserve" else None))
+    if v is None:  # a row from before rows carried their path
+        v = speed.get((workload, engine, precision, None))
+    return "" if v is None else num(v)
+
+
 def vs_llama_cpp(results: list[Result]) -> list[Section]:
     columns = list(dict.fromkeys((r["engine"], r["precision"]) for res in results
                                  for r in res.data["rows"]))
     body = []
     for res in results:
-        speed = {(r["workload"], r["engine"], r["precision"]): r["tokens_per_s"]
+        # ecserve's rows carry their decode path since runs timed both paths side by side
+        speed = {(r["workload"], r["engine"], r["precision"], r.get("path")): r["tokens_per_s"]
                  for r in res.data["rows"]}
+        setup = res.data.get("setup", {})
         for w in dict.fromkeys(r["workload"] for r in res.data["rows"]):
-            ratio = res.data["ratios"][w]
-            setup = res.data.get("setup", {})
-            # runs from before --decode/--kernels existed ran eager plain torch
-            path = (f", ecserve {setup['decode']}" + (" (plain torch)" if setup.get("kernels")
-                                                        == "torch" else "")
-                    if "decode" in setup else "")
-            body.append([f"{w}{path}{openmp_label(res)}",
-                         *(num(speed[(w, *c)]) if (w, *c) in speed else "" for c in columns),
-                         f"{ratio['same_precision']:.2f}", f"{ratio['each_fastest']:.2f}",
-                         res.data.get("agreement", {}).get(w, "")])
+            ratios, agree = res.data["ratios"][w], res.data.get("agreement", {}).get(w, "")
+            if "same_precision" in ratios:  # one path a run: the setup's (none: eager torch)
+                ratios, agree = {setup.get("decode"): ratios}, {setup.get("decode"): agree}
+            for path, ratio in ratios.items():
+                label = (f", ecserve {path}" + (" (plain torch)" if setup.get("kernels")
+                                                == "torch" else "") if path else "")
+                body.append([f"{w}{label}{openmp_label(res)}",
+                             *(peer_cell(speed, w, *c, path) for c in columns),
+                             f"{ratio['same_precision']:.2f}", f"{ratio['each_fastest']:.2f}",
+                             agree.get(path, "")])
     header = [*(f"{e} {short_precision(e, p)}" for e, p in columns), "ratio, f32",
               "ratio, each at its fastest", "tokens, f32 against F32"]
     what = (

@@ -64,7 +64,8 @@ EXPECTED: dict[str, tuple[str, Callable[[Data], bool], Callable[[list[Data]], li
         len({(i, r["model"], r["dtype"], r.get("path", "torch"))
              for i, d in enumerate(ds) for r in d["rows"]})]),
     "(`bench_vs_llama_cpp.py`)": ("bench_vs_llama_cpp", lambda d: True, lambda ds: [
-        len({(i, r["workload"]) for i, d in enumerate(ds) for r in d["rows"]})]),
+        len({(i, r["workload"], r.get("path")) for i, d in enumerate(ds) for r in d["rows"]
+             if r["engine"] == "ecserve"})]),
     "(`bench_moe_layer.py`)": (
         "bench_moe_layer", lambda d: True, lambda ds: [len(d["cases"]) for d in ds]),
     "(`bench_kernels.py`)": (
