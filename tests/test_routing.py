@@ -328,3 +328,29 @@ def test_bad_inputs() -> None:
                 fn(bad)
         with pytest.raises(ValueError, match=">= 1 token"):
             fn(s[:0])
+
+
+@pytest.mark.parametrize("policy", ["threshold", "token_choice"])
+def test_per_token_policies_compiled_as_the_decode_step_equal_the_reference(policy: str) -> None:
+    """The compiled decode step routes with the static-width layout inside one inductor graph
+    (ecserve/model/decode.py), its token count symbolic: compiled, it still equals the
+    independent reference on random groups, ties included."""
+    if policy == "threshold":
+        def fn(s: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return threshold_choice(s, theta, 2, static_width=True)
+    else:
+        def fn(s: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return token_choice(s, 2, True, static_width=True)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    rng = random.Random(800)
+    for _ in range(12):
+        n = rng.randint(2, 48)
+        s = _scores(rng, n, 8)
+        theta = _thresholds(rng, s)
+        sidx, sgate = compiled(s, theta)
+        idx, gate = (ref_threshold_choice(s, theta, 2) if policy == "threshold"
+                     else ref_token_choice(s, 2, True))
+        m = idx.shape[1]
+        assert torch.equal(sidx[:, :m], idx) and (sidx[:, m:] == -1).all()
+        torch.testing.assert_close(sgate[:, :m], gate, rtol=0, atol=0)
+        assert (sgate[:, m:] == 0).all()
