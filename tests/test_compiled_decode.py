@@ -138,15 +138,15 @@ def test_without_a_compiler_or_with_the_switch_off_decode_runs_eagerly_saying_wh
         make_model, monkeypatch, caplog):
     model = str(make_model(routing={"policy": "token_choice", "top_k": 2}))
     cfg = EngineConfig(device="cpu", max_num_seqs=2)
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/g++",))
     caplog.set_level("INFO", logger="ecserve.engine.engine")
-    llm = LLM(model, cfg)
+    # torch's config object, patched its own way (monkeypatch's undo would delete the key)
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/g++",)}):
+        llm = LLM(model, cfg)
     assert llm.engine.runner.compiled is None
     lines = [r.getMessage() for r in caplog.records if "run eagerly" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("decode steps run eagerly: no C++ compiler")
     params = SamplingParams(max_new_tokens=3, temperature=0.0)
     assert len(llm.generate([[5, 6, 7]], params)[0].token_ids) == 3
-    monkeypatch.undo()
     monkeypatch.setenv(KILL_SWITCH, "0")
     caplog.clear()
     assert LLM(model, cfg).engine.runner.compiled is None
