@@ -52,7 +52,7 @@ class Metrics:
     def __init__(self, model_cfg: ModelConfig, device: str, expert_mode: ExpertMetrics = "full",
                  experts_on_device: int | None = None,
                  exchange: Callable[[], dict[int, tuple[Any, int]]] | None = None,
-                 core_pid: int | None = None) -> None:
+                 core_pid: int | None = None, kv_blocks: int = 0) -> None:
         """experts_on_device: expert weights this process holds, all MoE layers together
         (fewer than layers x experts under expert parallelism); None: all of them.
         exchange: under expert parallelism, MoE layer -> ([W, W] token rows sent src -> dst
@@ -88,6 +88,19 @@ class Metrics:
                              registry=r)
         self.kv_total = Gauge("ecserve_kv_cache_capacity_blocks", "KV cache blocks in all.",
                               registry=r)
+        self.kv_total.set(kv_blocks)  # known from the start, before any step
+        self.kv_cached = Gauge("ecserve_kv_cache_blocks_cached", "KV cache blocks holding a "
+                               "prefix-cached full block, in use or not.", registry=r)
+        self.kv_evictable = Gauge("ecserve_kv_cache_blocks_evictable", "Prefix-cached KV "
+                                  "blocks no request holds: reused by a matching prompt, or "
+                                  "evicted (least recently used first) when blocks are needed.",
+                                  registry=r)
+        self.prefix_queries = Counter("ecserve_prefix_cache_queries", "Prompt tokens looked up "
+                                      "in the prefix cache (requests whose routing can share "
+                                      "KV).", registry=r)
+        self.prefix_hits = Counter("ecserve_prefix_cache_hits", "Prompt tokens found in the "
+                                   "prefix cache: their KV was not computed again.",
+                                   registry=r)
         self.prompt_tokens = Counter("ecserve_prompt_tokens", "Prompt tokens of finished "
                                      "requests.", registry=r)
         self.generation_tokens = Counter("ecserve_generation_tokens", "Tokens generated.",
@@ -153,6 +166,10 @@ class Metrics:
         self.waiting.set(stats.num_waiting)
         self.kv_used.set(stats.kv_blocks_used)
         self.kv_total.set(stats.kv_blocks_total)
+        self.kv_cached.set(stats.kv_blocks_cached)
+        self.kv_evictable.set(stats.kv_blocks_evictable)
+        self.prefix_queries.inc(stats.prefix_queried_tokens)
+        self.prefix_hits.inc(stats.prefix_hit_tokens)
         self.graph_steps.inc(stats.graphed)
         self.graphs_held.set(stats.decode_graphs)
         self.routing.add(stats.moe, stats.plan.group_sizes)
@@ -162,6 +179,8 @@ class Metrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_used.set(stats.kv_blocks_used)
+        self.kv_cached.set(stats.kv_blocks_cached)
+        self.kv_evictable.set(stats.kv_blocks_evictable)
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.e2e.observe(stats.e2e_time)
         self.queue.observe(stats.queue_time)

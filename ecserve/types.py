@@ -103,8 +103,12 @@ class StepStats:
     inter_token_latency: tuple[float, ...] = ()  # since the previous token, the other requests
     num_running: int = 0  # after the step: requests holding KV blocks
     num_waiting: int = 0  # after the step: requests queued for admission
-    kv_blocks_used: int = 0
+    kv_blocks_used: int = 0  # in some request's table
     kv_blocks_total: int = 0
+    kv_blocks_cached: int = 0  # holding a prefix-cached full block, in use or not
+    kv_blocks_evictable: int = 0  # cached and in no table: reused or evicted when needed
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache this step
+    prefix_hit_tokens: int = 0  # of them, found there (their KV not computed again)
     graphed: bool = False  # the step replayed a captured decode graph
     decode_graphs: int = 0  # decode graphs held after the step
     num_tokens: int = 0  # tokens the step ran (plan.num_tokens; kept when the plan is not)
@@ -128,3 +132,6 @@ class RequestStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_blocks_used: int = 0
+    kv_blocks_cached: int = 0
+    kv_blocks_evictable: int = 0
+    cached_tokens: int = 0  # its prompt tokens whose KV came from the prefix cache

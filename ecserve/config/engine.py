@@ -33,6 +33,10 @@ class EngineConfig:
     after the weights. Never more than max_num_seqs full-length sequences need."""
     kv_cache_memory_fraction: float = 0.5
     """The KV cache's share of free device memory when kv_cache_bytes is not given."""
+    prefix_caching: bool = True
+    """Keep full KV blocks after their request ends, keyed by their tokens, and start a new
+    request after the longest cached run of its prompt; only where routing can be formed again
+    (per-token policies, or sequence scope: docs/kv-cache.md); elsewhere bypassed."""
     max_waiting: int = 1024
     """Most requests queued for admission; more are refused (RESOURCE_EXHAUSTED)."""
     max_waiting_tokens: int = 262144

@@ -9,6 +9,7 @@ from ecserve.config import EngineConfig, RoutingConfig
 from ecserve.engine.grouping import batch_group_sizes, sequence_group_sizes
 from ecserve.engine.kv_cache import BlockManager
 from ecserve.engine.limits import QueueFullError, RequestLimits
+from ecserve.engine.prefix_cache import PrefixChain, cache_rule, root_key
 from ecserve.engine.sequence import SeqStatus, Sequence
 from ecserve.routing import policy_for
 from ecserve.types import ScheduledChunk, StepPlan
@@ -21,14 +22,20 @@ class Batcher:
 
     def __init__(
         self, cfg: EngineConfig, routing: RoutingConfig, num_experts: int, blocks: BlockManager,
-        limits: RequestLimits,
+        limits: RequestLimits, identity: str = "",
     ) -> None:
+        """identity: what besides the tokens makes two engines' KV differ (model, dtype): the
+        root of the prefix cache's keys."""
         self.cfg = cfg
         self.limits = limits
+        self.routing = routing
         self.group_size = routing.group_size
         # token_choice and threshold route every token on its own: any cut fills every slot.
-        per_token = policy_for(routing.policy).per_token
-        self.unit = 1 if per_token else routing.group_unit(num_experts)
+        self.per_token = policy_for(routing.policy).per_token
+        self.unit = 1 if self.per_token else routing.group_unit(num_experts)
+        self.identity = f"{identity}|{routing.policy}"
+        # Prompt tokens looked up in the prefix cache and found there since stats last took them.
+        self.prefix_queried = self.prefix_hits = 0
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.waiting_tokens = 0  # prompt tokens of the waiting requests
@@ -46,6 +53,10 @@ class Batcher:
 
     def add(self, seq: Sequence) -> None:
         self.check_room(1, seq.num_prompt)
+        rule = cache_rule(self.routing, seq.scope, self.blocks.block_size)
+        if self.cfg.prefix_caching and rule is not None:
+            seq.prefix = PrefixChain(rule, self.blocks.block_size,
+                                     root_key(self.identity, rule, seq.scope, self.per_token))
         self.waiting.append(seq)
         self.waiting_tokens += seq.num_prompt
 
@@ -97,18 +108,56 @@ class Batcher:
     def _admit(self) -> None:
         # Strict arrival order: a request that does not fit yet blocks those behind it, so
         # large requests are not starved. Blocks for the whole request are reserved up front:
-        # expert-choice routing forbids recomputing a preempted sequence (its routing would change).
+        # nothing is preempted (under batch-scope expert choice a recomputed sequence would be
+        # routed differently: docs/routing.md §8).
         while self.waiting and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq.kv_tokens_needed):
+            cached = self._cached_prefix(seq)
+            if not self.blocks.can_allocate(seq.kv_tokens_needed, cached):
                 break
             self.waiting.popleft()
             self.waiting_tokens -= seq.num_prompt
-            seq.block_table = tuple(self.blocks.allocate(seq.request_id, seq.kv_tokens_needed))
+            seq.block_table = tuple(self.blocks.allocate(seq.request_id, seq.kv_tokens_needed,
+                                                         cached))
+            # Its prefill starts after the cached blocks (their groups formed as it would).
+            seq.num_cached = seq.num_computed = len(cached) * self.blocks.block_size
+            seq.num_registered = len(cached)
+            if seq.prefix is not None and seq.prompt_logprobs is None:
+                self.prefix_queried += seq.num_prompt
+                self.prefix_hits += seq.num_cached
             seq.status = SeqStatus.RUNNING
             seq.admitted_time = time.monotonic()
             self.running.append(seq)
             self.admitted.append(seq.request_id)
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a waiting sequence would start from: whole units of its prompt,
+        leaving at least its last prompt token to compute (its logits sample the first token).
+        None for a request that scores its prompt (every prompt row must run)."""
+        if seq.prefix is None or seq.prompt_logprobs is not None:
+            return []
+        unit = seq.prefix.rule.unit
+        seq.prefix.extend(seq.token_ids, (seq.num_prompt - 1) // unit * unit)
+        cached = self.blocks.match(seq.prefix.keys)
+        return cached[:seq.prefix.reusable_blocks(len(cached))]
+
+    def cache_computed(self, plan: StepPlan) -> None:
+        """After a step ran: offer the full units of KV it completed to the prefix cache."""
+        bs = self.blocks.block_size
+        running = {s.request_id: s for s in self.running}
+        for c in plan.chunks:
+            seq = running.get(c.request_id)
+            if seq is None or seq.prefix is None:
+                continue
+            done = c.start_pos + len(c.token_ids)
+            if not seq.prefix.rule.generated:
+                done = min(done, seq.num_prompt)
+            unit = seq.prefix.rule.unit
+            seq.prefix.extend(seq.token_ids, done // unit * unit)
+            keys = seq.prefix.keys
+            for i in range(seq.num_registered, min(len(keys), done // bs)):
+                self.blocks.register(seq.block_table[i], keys[i])
+            seq.num_registered = max(seq.num_registered, min(len(keys), done // bs))
 
     def _prefill_len(self, seq: Sequence, budget: int) -> int:
         cap = self.cfg.max_prefill_chunk

@@ -116,7 +116,8 @@ class Engine:
                                   lockstep=peers)
         self.limits = RequestLimits(mc.vocab_size, self.max_model_len, cfg.max_waiting,
                                     cfg.max_waiting_tokens, cfg.block_size, num_blocks)
-        self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks, self.limits)
+        self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks, self.limits,
+                               identity=f"{self.model_dir.resolve()}|{self.dtype_name}")
         # For callers that step the engine themselves and want text; None where the caller
         # runs the text stage (a server's front end, LLM), which sets it so.
         self.text: TextStage | None = TextStage(self.tokenizer) if detokenize else None
@@ -246,6 +247,7 @@ class Engine:
         self._steps += 1
         try:
             rows, moe_stats = self.runner.execute(plan, every > 0 and self._steps % every == 0)
+            self.batcher.cache_computed(plan)
             logits = rows[:len(seqs)]  # the sampled rows; the prompt rows scored follow
             params = [s.request.params for s in seqs]
             tokens = sample(logits, params, [s.generator for s in seqs],
@@ -335,11 +337,16 @@ class Engine:
                     ttft: list[float], itl: list[float]) -> StepStats:
         graphs = self.runner.decode_graphs
         admitted, self.batcher.admitted = tuple(self.batcher.admitted), []
+        b = self.batcher
+        queried, hits, b.prefix_queried, b.prefix_hits = b.prefix_queried, b.prefix_hits, 0, 0
         return StepStats(
             plan, tuple(moe), seconds, tuple(ttft), tuple(itl), num_tokens=plan.num_tokens,
             admitted=admitted,
             num_running=len(self.batcher.running), num_waiting=len(self.batcher.waiting),
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_cached=self.blocks.num_cached,
+            kv_blocks_evictable=self.blocks.num_evictable,
+            prefix_queried_tokens=queried, prefix_hit_tokens=hits,
             graphed=self.runner.last_step_graphed,
             decode_graphs=0 if graphs is None else len(graphs.graphs),
         )
@@ -366,4 +373,7 @@ def request_stats(seq: Sequence, now: float, engine: Engine) -> RequestStats:
         num_running=len(engine.batcher.running),
         num_waiting=len(engine.batcher.waiting),
         kv_blocks_used=engine.blocks.num_used,
+        kv_blocks_cached=engine.blocks.num_cached,
+        kv_blocks_evictable=engine.blocks.num_evictable,
+        cached_tokens=seq.num_cached,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ecserve.engine.prefix_cache import PrefixChain
 from ecserve.types import FinishReason, Request, TokenLogprobs
 
 
@@ -35,6 +36,10 @@ class Sequence:
     finish_reason: FinishReason | None = None
     # prompt_logprobs asked: each prompt token's so far (None for the first); else None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # Its blocks' keys where they may be shared (ecserve/engine/prefix_cache.py), else None
+    prefix: PrefixChain | None = None
+    num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
+    num_registered: int = 0  # leading blocks offered to the prefix cache
 
     def __post_init__(self) -> None:
         if not self.token_ids:

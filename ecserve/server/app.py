@@ -170,7 +170,8 @@ class Server:
         info = live.info
         exchange = live.expert_traffic if live.expert_traffic() is not None else None
         self.metrics = Metrics(info.model_cfg, info.device, self.cfg.expert_metrics,
-                               info.held_experts, exchange, core_pid=live.core_pid)
+                               info.held_experts, exchange, core_pid=live.core_pid,
+                               kv_blocks=info.kv_blocks)
         live.observer = self.servicer.metrics = self.openai.metrics = self.metrics
 
     def _start_http(self) -> None:

@@ -52,7 +52,7 @@ class FrontEnd:
         self._ready = r = started.ready
         self.info = EngineInfo(r.model_name, r.model_cfg, started.tokenizer,
                                r.limits.max_model_len, r.dtype, r.device, r.held_experts,
-                               started.model_dir)
+                               started.model_dir, r.limits.num_blocks)
         self._text = TextStage(started.tokenizer)
 
     async def stop(self) -> None:

@@ -29,6 +29,7 @@ class EngineInfo:
     device: str
     held_experts: int  # expert weights this replica's engine holds (rank 0's share under EP)
     model_dir: Path  # where the model was read from (its chat template, if any)
+    kv_blocks: int  # blocks in the whole KV cache
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt text -> ids, with the model's BOS token first when it has one."""

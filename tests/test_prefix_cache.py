@@ -1,0 +1,209 @@
+"""Prefix caching (ecserve/engine/kv_cache.py, prefix_cache.py; docs/kv-cache.md): the block
+manager's references, keys and eviction; cached == uncached for every routing that can be
+formed again (docs/routing.md §8), hits counted exactly, batch-scope expert choice bypassed, no
+block leaked under a flood of prefixes or a cancel mid-prefill."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from serving import ServerThread
+from test_prometheus import samples, scrape
+
+from ecserve.client import Client
+from ecserve.config import EngineConfig
+from ecserve.engine.core import CoreSpec, load_engine
+from ecserve.engine.engine import Engine
+from ecserve.engine.kv_cache import BlockManager
+from ecserve.engine.llm import LLM
+from ecserve.engine.runner import kv_bytes_per_block
+from ecserve.server.core_process import ProcessTransport
+from ecserve.types import Request, SamplingParams, TokenEvent
+
+CFG = EngineConfig(device="cpu", block_size=4, max_num_seqs=8, max_num_batched_tokens=32,
+                   kv_cache_bytes=1 << 22, record_steps=True)
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def test_blocks_are_shared_counted_and_evicted_least_recently_used_first():
+    bm = BlockManager(4, 2)
+    a = bm.allocate("a", 4)  # 2 blocks
+    assert bm.register(a[0], key(1)) and bm.register(a[1], key(2))
+    assert not bm.register(a[1], key(3)) and not bm.register(7, key(1))  # one key per block
+    b = bm.allocate("b", 6, cached=bm.match([key(1), key(2), key(9)]))
+    assert b[:2] == a and bm.num_used == 3 and bm.num_free == 1
+    bm.free("a")
+    assert bm.num_used == 3 and bm.num_evictable == 0  # b still holds them
+    bm.free("b")
+    assert bm.num_used == 0 and bm.num_free == 4 and bm.num_evictable == 2
+    # Freed last block first in line: a new sequence needing all 4 blocks evicts both.
+    assert bm.match([key(1), key(2)]) == a
+    c = bm.allocate("c", 6)  # 3 blocks: the free one, then block a[1], then a[0]... one left
+    assert bm.num_evictable == 1 and bm.match([key(1)]) == [a[0]] and bm.match([key(2)]) == []
+    assert a[1] in c
+    assert not bm.can_allocate(4) and bm.can_allocate(2)
+    # Reusing an idle cached block takes it out of the allocatable count too.
+    assert bm.can_allocate(2, cached=[a[0]]) and not bm.can_allocate(4, cached=[a[0]])
+    bm.free("c")
+    assert bm.num_used == 0 and bm.num_free == 4
+
+
+def run(engine_or_llm, prompts, params, scope=None):
+    """Tokens and logprobs of each prompt, generated one request after another's admission."""
+    llm = engine_or_llm
+    logprobs: dict[str, list[float]] = {}
+
+    def on_token(ev: TokenEvent) -> None:
+        logprobs.setdefault(ev.request_id, []).append(ev.logprob)
+
+    outs = llm.generate(prompts, params, on_token=on_token, routing_scope=scope)
+    return [o.token_ids for o in outs], [logprobs[o.request_id] for o in outs]
+
+
+def shared_prompts(n: int, prefix_len: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(0, 256, (prefix_len,), generator=gen).tolist()
+    return [prefix + torch.randint(0, 256, (3 + i,), generator=gen).tolist() for i in range(n)]
+
+
+def loud_model(make_model, routing: dict) -> str:
+    """A tiny model whose experts move the logits (weights x4): a block reused under the wrong
+    routing group then changes the output by far more than float noise (0.05-0.1 against
+    1e-6, measured)."""
+    path = make_model(routing=routing)
+    state = load_file(path / "model.safetensors")
+    save_file({k: v * 4 if ".moe.w_" in k else v for k, v in state.items()},
+              path / "model.safetensors")
+    return str(path)
+
+
+CASES = [  # (routing, scope, shared prefix length, prompt tokens each later request reuses)
+    ({"policy": "threshold"}, None, 37, 36),
+    ({"policy": "token_choice", "top_k": 2}, None, 37, 36),
+    ({"policy": "token_choice", "top_k": 2}, "sequence", 37, 36),
+    # Whole groups only: the group of tokens 32-39 holds 4 tokens past the shared prefix.
+    ({"policy": "ec", "group_size": 8}, "sequence", 36, 32),
+    ({"policy": "capped", "group_size": 12, "max_experts_per_token": 2}, "sequence", 34, 24),
+]
+
+
+@pytest.mark.parametrize(("routing", "scope", "shared", "hit"), CASES)
+def test_a_cached_prefix_gives_what_computing_it_gives(make_model, routing, scope, shared, hit):
+    model = loud_model(make_model, routing)
+    prompts = shared_prompts(5, shared)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=0)
+    cached = LLM(model, CFG)
+    first = run(cached, prompts[:1], params, scope)
+    rest = run(cached, prompts[1:], params, scope)
+    plain = LLM(model, dataclasses.replace(CFG, prefix_caching=False))
+    want = run(plain, prompts, params, scope)
+    assert [*first[0], *rest[0]] == want[0]
+    for got, exp in zip([*first[1], *rest[1]], want[1], strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(exp), rtol=0, atol=1e-4)
+    hits = [r.stats.prefix_hit_tokens for r in cached.engine.records]
+    queried = [r.stats.prefix_queried_tokens for r in cached.engine.records]
+    assert sum(hits) == hit * 4, hits
+    assert sum(queried) == sum(len(p) for p in prompts)
+    engine = cached.engine
+    assert engine.blocks.num_used == 0 and engine.blocks.num_evictable > 0
+
+
+@pytest.mark.parametrize("policy", ["ec", "capped"])
+def test_batch_scope_expert_choice_never_shares_blocks(make_model, policy):
+    llm = LLM(make_model(routing={"policy": policy}), CFG)
+    prompts = shared_prompts(3, 37)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    run(llm, prompts[:1], params)
+    run(llm, prompts[1:], params)
+    stats = [r.stats for r in llm.engine.records]
+    assert sum(s.prefix_queried_tokens for s in stats) == 0
+    assert llm.engine.blocks.num_cached == 0
+
+
+def test_a_request_scoring_its_prompt_computes_every_row(make_model):
+    llm = LLM(make_model(routing={"policy": "threshold"}), CFG)
+    prompts = shared_prompts(2, 37)
+    run(llm, prompts[:1], SamplingParams(max_new_tokens=2))
+    out = llm.generate(prompts[1:], SamplingParams(max_new_tokens=2, prompt_logprobs=0))
+    assert len(out[0].prompt_logprobs) == len(prompts[1])
+    assert sum(r.stats.prefix_hit_tokens for r in llm.engine.records) == 0
+
+
+def test_a_flood_of_prefixes_evicts_and_leaks_nothing(make_model):
+    """A cache of 24 blocks, 20 distinct 30-token prefixes twice over: blocks are evicted
+    least recently used first, every request still runs, and idle, every block is free."""
+    model = make_model(routing={"policy": "threshold"})
+    per_block = kv_bytes_per_block(Engine(model, CFG).runner.model, CFG.block_size)
+    engine = Engine(model, dataclasses.replace(CFG, kv_cache_bytes=24 * per_block,
+                                               max_num_seqs=2))
+    assert engine.blocks.num_blocks == 24
+    prompts = [shared_prompts(1, 30, seed=s)[0] for s in range(20)]
+    done = 0
+    for round_ in range(2):
+        for i, p in enumerate(prompts):
+            engine.add_request(Request(f"r{round_}-{i}", tuple(p),
+                                       SamplingParams(max_new_tokens=3)))
+        while engine.has_unfinished():
+            done += sum(ev.finished for ev in engine.step())
+    assert done == 40
+    assert engine.blocks.num_used == 0 and engine.blocks.num_free == 24
+    assert 0 < engine.blocks.num_cached == engine.blocks.num_evictable <= 24
+
+
+def test_a_cancel_mid_prefill_keeps_what_was_computed_and_frees_the_rest(make_model):
+    model = make_model(routing={"policy": "threshold"})
+    cfg = dataclasses.replace(CFG, max_num_batched_tokens=8)  # 8-token prefill chunks
+    engine = Engine(model, cfg)
+    prompts = shared_prompts(2, 37)
+    engine.add_request(Request("doomed", tuple(prompts[0]), SamplingParams(max_new_tokens=4)))
+    engine.step()
+    engine.step()  # 16 prompt tokens computed: 4 blocks registered
+    assert engine.blocks.num_cached == 4
+    assert engine.abort("doomed")
+    assert engine.blocks.num_used == 0 and engine.blocks.num_evictable == 4
+    params = SamplingParams(max_new_tokens=5, temperature=0.0, logprobs=0)
+    engine.add_request(Request("next", tuple(prompts[1]), params))
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [ev.token_id for ev in engine.step() if ev.token_id is not None]
+    assert sum(r.stats.prefix_hit_tokens for r in engine.records) == 16
+    plain = LLM(model, dataclasses.replace(cfg, prefix_caching=False))
+    assert tokens == plain.generate([prompts[1]], params)[0].token_ids
+    assert engine.blocks.num_used == 0
+
+
+def test_served_over_grpc_the_cache_is_exact_counted_and_its_gauges_right_from_serving(
+        make_model):
+    """The engine core in its own process: before any request /metrics gives the KV capacity;
+    a second prompt sharing a prefix reuses its blocks, gives the uncached tokens, and the
+    queries, hits, cached and evictable blocks are scraped as they happened."""
+    model = loud_model(make_model, {"policy": "threshold"})
+    transport = ProcessTransport(functools.partial(load_engine, model, CFG),
+                                 CoreSpec(torch_threads=1), model)
+    prompts = shared_prompts(2, 37)
+    with ServerThread(transport) as s:
+        before = samples(scrape(s))
+        blocks = before[("ecserve_kv_cache_capacity_blocks", frozenset())]
+        assert blocks > 0
+        got = []
+        with Client(f"127.0.0.1:{s.port}") as c:
+            for p in prompts:
+                reply = c.generate(p, max_new_tokens=6, ignore_eos=True, token_ids=True)
+                got.append([t.id for t in reply.tokens])
+        after = samples(scrape(s))
+    plain = LLM(model, dataclasses.replace(CFG, prefix_caching=False))
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    assert got == [o.token_ids for o in plain.generate(prompts, params)]
+    assert after[("ecserve_prefix_cache_queries_total", frozenset())] == 40 + 41
+    assert after[("ecserve_prefix_cache_hits_total", frozenset())] == 36
+    assert after[("ecserve_kv_cache_blocks_used", frozenset())] == 0
+    # Both requests' full blocks: 10 + (36 shared, then 5 more of their own tokens).
+    cached = after[("ecserve_kv_cache_blocks_cached", frozenset())]
+    assert cached == after[("ecserve_kv_cache_blocks_evictable", frozenset())] > 10
