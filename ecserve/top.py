@@ -115,11 +115,16 @@ def _num(s: str) -> tuple[int, str]:
 
 def header(snap: Snapshot) -> list[str]:
     t = snap.total
+    hit_rate = _ratio(t("ecserve_prefix_cache_hits_total"),
+                      t("ecserve_prefix_cache_queries_total"))
     lines = [
         f"requests running {_fmt(t('ecserve_requests_running'))}"
         f"  waiting {_fmt(t('ecserve_requests_waiting'))}"
         f"  |  KV blocks {_fmt(t('ecserve_kv_cache_blocks_used'))}"
         f"/{_fmt(t('ecserve_kv_cache_capacity_blocks'))}"
+        f" (cached {_fmt(t('ecserve_kv_cache_blocks_cached'))},"
+        f" evictable {_fmt(t('ecserve_kv_cache_blocks_evictable'))})"
+        f"  |  prefix hits {_fmt(hit_rate, '.0f', 100)}%"
         f"  |  generated tokens {_fmt(t('ecserve_generation_tokens_total'))}",
         f"TTFT mean {_fmt(_mean(snap, 'ecserve_time_to_first_token_seconds'), '.2f', 1e3)} ms"
         f"  |  ITL mean {_fmt(_mean(snap, 'ecserve_inter_token_latency_seconds'), '.2f', 1e3)}"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ecserve.errors import ConfigError
 from ecserve.loadtest.config import LoadTestConfig, parse_slos
 from ecserve.loadtest.records import RequestRecord
 from ecserve.loadtest.stats import calculate_metrics, errors_by_code
@@ -164,3 +165,17 @@ def test_requests_ask_for_exact_lengths_and_no_token_ids_over_both_protocols():
     assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert http_body(RequestSpec("hi", 2, None), LoadTestConfig(temperature=0.7, seed=5),
                      3)["seed"] == 8
+
+
+def test_shared_prefix_workload_gives_each_request_one_of_n_prefixes():
+    cfg = LoadTestConfig(input_len=5, output_len=3, shared_prefix_len=20, num_prefixes=2)
+    specs = build_workload(cfg, ModelLimits(300, 64, bos_token_id=256), 6)
+    heads = [s.prompt[:20] for s in specs]
+    assert heads[0] != heads[1] and heads[0::2] == [heads[0]] * 3 and heads[1::2] == [heads[1]] * 3
+    assert all(s.input_len == len(s.prompt) == 25 and s.prompt[0] == 256 for s in specs)
+    assert len({s.prompt[20:] for s in specs}) == 6  # each its own suffix
+    with pytest.raises(ConfigError, match="max_model_len is 64"):
+        build_workload(LoadTestConfig(input_len=5, output_len=3, shared_prefix_len=60),
+                       ModelLimits(300, 64), 1)
+    with pytest.raises(ConfigError, match="--num-prefixes must be >= 1"):
+        LoadTestConfig(num_prefixes=0).validate()

@@ -69,6 +69,11 @@ class LoadTestConfig:
     """Output lengths drawn uniformly from [LO, HI]."""
     prompts_file: str | None = field(default=None, metadata=flag(metavar="PATH"))
     """JSONL lines {"prompt": ..., "max_new_tokens": N}, or one text prompt a line."""
+    shared_prefix_len: int = field(default=0, metadata=flag(metavar="N"))
+    """Synthetic prompts start with one of --num-prefixes shared prefixes of N tokens, then
+    their own input_len tokens (a system prompt, few-shot examples); 0: none."""
+    num_prefixes: int = field(default=1, metadata=flag(metavar="N"))
+    """Distinct shared prefixes, taken by the requests in turn."""
     warmup_requests: int = field(default=0, metadata=flag(metavar="N"))
     """Requests sent first and not measured."""
     max_in_flight: int = field(default=1024, metadata=flag(metavar="N"))
@@ -151,6 +156,13 @@ class LoadTestConfig:
                                               or self.input_len_range is not None):
             raise _error("prompts_file", "--prompts-file sets the inputs: drop "
                          "--input-len/--input-len-range")
+        if self.shared_prefix_len < 0 or self.num_prefixes < 1:
+            name = "shared_prefix_len" if self.shared_prefix_len < 0 else "num_prefixes"
+            raise _error(name, f"{_flag(name)} must be >= {0 if name[0] == 's' else 1}, got "
+                         f"{getattr(self, name)}")
+        if self.prompts_file is not None and self.shared_prefix_len:
+            raise _error("shared_prefix_len", "--shared-prefix-len builds synthetic prompts: "
+                         "drop --prompts-file")
         if self.routing_scope not in (None, *SCOPES):
             raise _error("routing_scope", f"--routing-scope must be batch or sequence, got "
                          f"{self.routing_scope!r}")

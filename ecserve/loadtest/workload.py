@@ -45,7 +45,7 @@ def build_workload(cfg: LoadTestConfig, limits: ModelLimits, n: int) -> list[Req
                                      None))
         return specs
     inputs = _lengths(rng, cfg.input_len_range, cfg.lengths()[0], n)
-    longest = int(inputs.max() + outputs.max())
+    longest = int(cfg.shared_prefix_len + inputs.max() + outputs.max())
     if longest > limits.max_model_len:
         raise ConfigError(f"input + output lengths reach {longest} tokens; the server's "
                          f"max_model_len is {limits.max_model_len}")
@@ -53,12 +53,15 @@ def build_workload(cfg: LoadTestConfig, limits: ModelLimits, n: int) -> list[Req
     vocab = np.array([t for t in range(limits.vocab_size) if t not in special], dtype=np.int64)
     if vocab.size == 0:
         raise ConfigError("the server's vocabulary has no ordinary tokens to build prompts from")
+    # Drawn only when asked: runs without a prefix keep the prompts they always had.
+    prefixes = ([rng.choice(vocab, size=cfg.shared_prefix_len).tolist()
+                 for _ in range(cfg.num_prefixes)] if cfg.shared_prefix_len else [[]])
     specs = []
-    for length, out in zip(inputs, outputs, strict=True):
-        ids = rng.choice(vocab, size=int(length)).tolist()
+    for i, (length, out) in enumerate(zip(inputs, outputs, strict=True)):
+        ids = prefixes[i % len(prefixes)] + rng.choice(vocab, size=int(length)).tolist()
         if limits.bos_token_id is not None:  # as the server's tokenizer would start a text
             ids[0] = limits.bos_token_id
-        specs.append(RequestSpec(tuple(ids), int(out), int(length)))
+        specs.append(RequestSpec(tuple(ids), int(out), len(ids)))
     return specs
 
 
