@@ -431,6 +431,28 @@ def start(results: list[Result]) -> list[Section]:
     return [Section("Start-up time (`bench_start.py`)", what, results, blocks)]
 
 
+def prefix_cache(results: list[Result]) -> list[Section]:
+    rows = []
+    for res in results:
+        c, s = res.data["config"], res.data["summary"]
+        rows.append([
+            f"{c['concurrency']} streams", num(s["output_tok_s"]["cached"]),
+            num(s["output_tok_s"]["uncached"]), times(s["tok_s_cached_over_uncached"]),
+            f"{num(s['ttft_p50_ms']['cached'])} / {num(s['ttft_p50_ms']['uncached'])} ms",
+            f"{s['ttft_p50_cached_over_uncached']:.2f}", f"{s['hit_rate_tokens']:.1%}"])
+    c = results[0].data["config"]
+    what = (
+        f"One server with prefix caching (the default) and one with `--no-prefix-caching`, the "
+        f"default model, loaded in turn by `ecserve bench`'s closed loop: {c['requests']} "
+        f"requests, one shared prefix of {c['prefix_len']} tokens, then {c['suffix_len']} of "
+        f"each request's own, {c['output_len']} tokens out, one warm-up request first; medians "
+        "over rounds. Goals: TTFT p50 cached / uncached <= 0.3, output tok/s >= 2x. The hit "
+        "rate (tokens, warm-up included) is the cached server's.")
+    return [Section("Prefix caching (`bench_prefix_cache.py`)", what, results, [
+        table(["load", "output tok/s, cached", "uncached", "cached / uncached",
+               "TTFT p50, cached / uncached", "TTFT ratio", "hit rate"], rows)])]
+
+
 SOAK_KINDS = {"complete": "read to the end", "cancel": "cancel after a few tokens",
               "deadline": "a deadline of 0.05-2 s", "slow": "read slowly"}
 SOAK_PROCESSES = {"process_resident_memory_bytes": "front end",
@@ -687,6 +709,7 @@ RENDERERS: dict[str, Renderer] = {
     "bench_serving": bench_serving,
     "bench_http_api": http_api,
     "bench_start": start,
+    "bench_prefix_cache": prefix_cache,
     "bench_expert_timing": expert_timing,
     "bench_expert_parallel": expert_parallel,
     "bench_vs_transformers": vs_transformers,

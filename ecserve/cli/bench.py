@@ -22,7 +22,7 @@ EXIT_TARGET_MISSED = 3
 LOAD = ("concurrency", "request_rate", "burstiness", "num_requests", "duration",
         "drain_timeout", "max_in_flight", "warmup_requests", "timeout", "seed")
 REQUESTS = ("input_len", "output_len", "input_len_range", "output_len_range", "prompts_file",
-            "temperature", "routing_scope")
+            "shared_prefix_len", "num_prefixes", "temperature", "routing_scope")
 
 
 @dataclass(frozen=True)
