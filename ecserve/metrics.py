@@ -95,6 +95,11 @@ class Metrics:
                                   "blocks no request holds: reused by a matching prompt, or "
                                   "evicted (least recently used first) when blocks are needed.",
                                   registry=r)
+        self.preemptions = Counter("ecserve_preemptions", "Running requests preempted, their "
+                                   "KV blocks freed, to be replayed later, by reason "
+                                   "(kv_cache_full: a decoding request needed a block).",
+                                   ["reason"], registry=r)
+        self.preemptions.labels("kv_cache_full")
         self.prefix_queries = Counter("ecserve_prefix_cache_queries", "Prompt tokens looked up "
                                       "in the prefix cache (requests whose routing can share "
                                       "KV).", registry=r)
@@ -169,6 +174,7 @@ class Metrics:
         self.kv_cached.set(stats.kv_blocks_cached)
         self.kv_evictable.set(stats.kv_blocks_evictable)
         self.prefix_queries.inc(stats.prefix_queried_tokens)
+        self.preemptions.labels("kv_cache_full").inc(stats.preemptions)
         self.prefix_hits.inc(stats.prefix_hit_tokens)
         self.graph_steps.inc(stats.graphed)
         self.graphs_held.set(stats.decode_graphs)

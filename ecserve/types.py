@@ -109,6 +109,7 @@ class StepStats:
     kv_blocks_evictable: int = 0  # cached and in no table: reused or evicted when needed
     prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache this step
     prefix_hit_tokens: int = 0  # of them, found there (their KV not computed again)
+    preemptions: int = 0  # sequences preempted for KV blocks when this step was scheduled
     graphed: bool = False  # the step replayed a captured decode graph
     decode_graphs: int = 0  # decode graphs held after the step
     num_tokens: int = 0  # tokens the step ran (plan.num_tokens; kept when the plan is not)
@@ -135,3 +136,4 @@ class RequestStats:
     kv_blocks_cached: int = 0
     kv_blocks_evictable: int = 0
     cached_tokens: int = 0  # its prompt tokens whose KV came from the prefix cache
+    preemptions: int = 0  # times its blocks were taken and it was replayed

@@ -207,3 +207,89 @@ def test_served_over_grpc_the_cache_is_exact_counted_and_its_gauges_right_from_s
     # Both requests' full blocks: 10 + (36 shared, then 5 more of their own tokens).
     cached = after[("ecserve_kv_cache_blocks_cached", frozenset())]
     assert cached == after[("ecserve_kv_cache_blocks_evictable", frozenset())] > 10
+
+
+# ---------------------------------------------------------------- blocks on demand, preemption
+
+class Finished:
+    """An EngineObserver keeping each finished request's stats."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def step_done(self, stats) -> None:
+        pass
+
+    def request_done(self, stats) -> None:
+        self.requests.append(stats)
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, scope: str | None
+               ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, logprobs=0,
+                            ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(Request(f"r{i}", tuple(p), params, routing_scope=scope))
+    tokens: dict[str, list[int]] = {}
+    logprobs: dict[str, list[float]] = {}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            if ev.token_id is not None:
+                tokens.setdefault(ev.request_id, []).append(ev.token_id)
+                logprobs.setdefault(ev.request_id, []).append(ev.logprob)
+    return tokens, logprobs
+
+
+def small_cache(model: str, blocks: int, **cfg: object) -> Engine:
+    per_block = kv_bytes_per_block(Engine(model, CFG).runner.model, CFG.block_size)
+    engine = Engine(model, dataclasses.replace(CFG, kv_cache_bytes=blocks * per_block, **cfg))
+    assert engine.blocks.num_blocks == blocks
+    return engine
+
+
+REPLAYS = [({"policy": "threshold"}, None), ({"policy": "token_choice", "top_k": 2}, None),
+           ({"policy": "ec", "group_size": 8}, "sequence"),
+           ({"policy": "capped", "group_size": 12, "max_experts_per_token": 2}, "sequence")]
+
+
+@pytest.mark.parametrize(("routing", "scope"), REPLAYS)
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_preempted_sequence_replays_to_what_it_would_have_given(make_model, routing, scope,
+                                                                  caching):
+    """8 sequences that grow to 8-11 blocks each in a cache of 14: the youngest are preempted
+    (some twice) and replayed, prompt in its groups then each generated token alone; every
+    token and logprob is the unconstrained engine's, and idle, every block is free."""
+    model = loud_model(make_model, routing)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (10 + 2 * i,), generator=gen).tolist() for i in range(8)]
+    want = run_engine(Engine(model, dataclasses.replace(CFG, prefix_caching=caching)),
+                      prompts, 24, scope)
+    engine = small_cache(model, 14, prefix_caching=caching)
+    done = Finished()
+    engine.observer = done
+    got = run_engine(engine, prompts, 24, scope)
+    assert got[0] == want[0]
+    for rid, lps in want[1].items():
+        torch.testing.assert_close(torch.tensor(got[1][rid]), torch.tensor(lps), rtol=0,
+                                   atol=1e-4)
+    preempted = [r.preemptions for r in done.requests]
+    assert sum(r.stats.preemptions for r in engine.records) == sum(preempted) > 0
+    assert max(preempted) >= 2
+    assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize(("routing", "config"), [
+    ({"policy": "ec"}, {}),  # batch scope: its groups mix sequences, never formed again
+    ({"policy": "threshold"}, {"kv_blocks_on_demand": False}),
+])
+def test_unreplayable_or_reserved_sequences_are_never_preempted(make_model, routing, config):
+    model = make_model(routing=routing)
+    prompts = [list(range(5 + i, 15 + 3 * i)) for i in range(6)]
+    want = run_engine(Engine(model, CFG), prompts, 24, None)
+    engine = small_cache(model, 24, **config)
+    got = run_engine(engine, prompts, 24, None)
+    assert got[0] == want[0]
+    stats = [r.stats for r in engine.records]
+    assert sum(s.preemptions for s in stats) == 0
+    assert max(s.num_running for s in stats) <= 2  # 11 blocks each, reserved at admission
+    assert engine.blocks.num_used == 0

@@ -33,6 +33,10 @@ class EngineConfig:
     after the weights. Never more than max_num_seqs full-length sequences need."""
     kv_cache_memory_fraction: float = 0.5
     """The KV cache's share of free device memory when kv_cache_bytes is not given."""
+    kv_blocks_on_demand: bool = True
+    """Give a request KV blocks as it grows, preempting the youngest and replaying it later when
+    none are left, where its routing can be formed again (docs/kv-cache.md); off, or for
+    batch-scope ec/capped: reserve its prompt + max_new_tokens at admission."""
     prefix_caching: bool = True
     """Keep full KV blocks after their request ends, keyed by their tokens, and start a new
     request after the longest cached run of its prompt; only where routing can be formed again

@@ -40,6 +40,10 @@ class Batcher:
         self.waiting: deque[Sequence] = deque()
         self.waiting_tokens = 0  # prompt tokens of the waiting requests
         self.running: list[Sequence] = []  # in arrival order
+        self.preempted: deque[Sequence] = deque()  # to replay before new ones, arrival order
+        self.preemptions = 0  # since stats last took them
+        # Blocks admission leaves free while sequences run, so they can grow (1% as vLLM's).
+        self.watermark = max(1, blocks.num_blocks // 100)
         self.admitted: list[str] = []  # ids admitted since the engine last took them
 
     def check_room(self, num_requests: int, num_tokens: int) -> None:
@@ -54,6 +58,7 @@ class Batcher:
     def add(self, seq: Sequence) -> None:
         self.check_room(1, seq.num_prompt)
         rule = cache_rule(self.routing, seq.scope, self.blocks.block_size)
+        seq.replayable = rule is not None and self.cfg.kv_blocks_on_demand
         if self.cfg.prefix_caching and rule is not None:
             seq.prefix = PrefixChain(rule, self.blocks.block_size,
                                      root_key(self.identity, rule, seq.scope, self.per_token))
@@ -64,6 +69,8 @@ class Batcher:
         """Drop a finished or aborted sequence and free its KV blocks."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+        elif seq in self.preempted:
+            self.preempted.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
             self.waiting_tokens -= seq.num_prompt
@@ -71,11 +78,17 @@ class Batcher:
         seq.status = SeqStatus.FINISHED
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.preempted or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for admission: new ones and preempted ones."""
+        return len(self.waiting) + len(self.preempted)
 
     def schedule(self) -> StepPlan | None:
         """This step's chunks (decode tokens first, then prefill chunks) and routing groups."""
         self._admit()
+        self._grow_decoding()
         budget = self.cfg.max_num_batched_tokens
         # Every decode token fits: the engine requires max_num_batched_tokens >= max_num_seqs.
         entries = [(s, self._decode_chunk(s)) for s in self.running if not s.is_prefilling]
@@ -93,8 +106,12 @@ class Batcher:
         own = sorted((e for e in entries if e[0].scope == "sequence"), key=lambda e: e[0].arrival)
         groups = batch_group_sizes(sum(len(c.token_ids) for _, c in batch), self.group_size,
                                    self.unit)
-        for _, c in own:
-            groups += sequence_group_sizes(c.start_pos, len(c.token_ids), self.group_size)
+        for seq, c in own:
+            # The prompt's groups at fixed positions; past it (a replay after a preemption)
+            # each token alone, as it was decoded.
+            in_prompt = max(0, min(len(c.token_ids), seq.num_prompt - c.start_pos))
+            groups += sequence_group_sizes(c.start_pos, in_prompt, self.group_size)
+            groups += [1] * (len(c.token_ids) - in_prompt)
         for seq, c in batch + own:
             seq.num_computed = c.start_pos + len(c.token_ids)
         return StepPlan(chunks=tuple(c for _, c in batch + own), group_sizes=tuple(groups))
@@ -106,29 +123,65 @@ class Batcher:
             1,) * num_sequence
 
     def _admit(self) -> None:
-        # Strict arrival order: a request that does not fit yet blocks those behind it, so
-        # large requests are not starved. Blocks for the whole request are reserved up front:
-        # nothing is preempted (under batch-scope expert choice a recomputed sequence would be
-        # routed differently: docs/routing.md §8).
-        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
-            seq = self.waiting[0]
+        # Preempted sequences first, then new ones, each in arrival order: a request that does
+        # not fit yet blocks those behind it, so large requests are not starved. A replayable
+        # sequence gets blocks for what it computes now and more as it decodes, leaving a
+        # watermark free while others run so a step seldom preempts; any other holds its whole
+        # request's blocks from here (a batch-scope expert-choice sequence is never preempted:
+        # recomputed, it would be routed differently, docs/routing.md §8).
+        while len(self.running) < self.cfg.max_num_seqs:
+            queue = self.preempted or self.waiting
+            if not queue:
+                return
+            seq = queue[0]
             cached = self._cached_prefix(seq)
-            if not self.blocks.can_allocate(seq.kv_tokens_needed, cached):
-                break
-            self.waiting.popleft()
-            self.waiting_tokens -= seq.num_prompt
-            seq.block_table = tuple(self.blocks.allocate(seq.request_id, seq.kv_tokens_needed,
-                                                         cached))
+            tokens = seq.num_to_prefill if seq.replayable else seq.kv_tokens_needed
+            headroom = self.watermark if seq.replayable and self.running else 0
+            if not self.blocks.can_allocate(tokens + headroom * self.blocks.block_size, cached):
+                return
+            queue.popleft()
+            first = seq.admitted_time is None
+            if first:
+                self.waiting_tokens -= seq.num_prompt
+                seq.admitted_time = time.monotonic()
+                self.admitted.append(seq.request_id)
+            seq.block_table = tuple(self.blocks.allocate(seq.request_id, tokens, cached))
             # Its prefill starts after the cached blocks (their groups formed as it would).
-            seq.num_cached = seq.num_computed = len(cached) * self.blocks.block_size
+            seq.num_computed = len(cached) * self.blocks.block_size
             seq.num_registered = len(cached)
-            if seq.prefix is not None and seq.prompt_logprobs is None:
+            if first and seq.prefix is not None and seq.prompt_logprobs is None:
+                seq.num_cached = seq.num_computed
                 self.prefix_queried += seq.num_prompt
                 self.prefix_hits += seq.num_cached
             seq.status = SeqStatus.RUNNING
-            seq.admitted_time = time.monotonic()
             self.running.append(seq)
-            self.admitted.append(seq.request_id)
+
+    def _grow_decoding(self) -> None:
+        """Give each decoding sequence the block its next token's KV goes to, oldest first;
+        where none is left, preempt the youngest replayable sequence (possibly itself)."""
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or seq.is_prefilling:
+                continue
+            while not self.blocks.grow(seq.request_id, len(seq.token_ids)):
+                victim = next(s for s in reversed(self.running) if s.replayable)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                seq.block_table = tuple(self.blocks.table(seq.request_id))
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits to be replayed from position 0 (its
+        cached blocks, if still cached, are taken back then)."""
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.block_table, seq.num_computed, seq.num_registered = (), 0, 0
+        seq.status = SeqStatus.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        at = next((i for i, s in enumerate(self.preempted) if s.arrival > seq.arrival),
+                  len(self.preempted))
+        self.preempted.insert(at, seq)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks a waiting sequence would start from: whole units of its prompt,
@@ -136,8 +189,12 @@ class Batcher:
         None for a request that scores its prompt (every prompt row must run)."""
         if seq.prefix is None or seq.prompt_logprobs is not None:
             return []
-        unit = seq.prefix.rule.unit
-        seq.prefix.extend(seq.token_ids, (seq.num_prompt - 1) // unit * unit)
+        rule = seq.prefix.rule
+        # A replay feeds its newest token in the next decode step: every token before it may
+        # come from the cache (under per-token policies; else the prompt's whole groups).
+        upto = (seq.num_prompt - 1 if seq.num_generated == 0
+                else seq.num_to_prefill if rule.generated else seq.num_prompt)
+        seq.prefix.extend(seq.token_ids, upto // rule.unit * rule.unit)
         cached = self.blocks.match(seq.prefix.keys)
         return cached[:seq.prefix.reusable_blocks(len(cached))]
 
@@ -161,7 +218,7 @@ class Batcher:
 
     def _prefill_len(self, seq: Sequence, budget: int) -> int:
         cap = self.cfg.max_prefill_chunk
-        n = min(seq.num_prompt - seq.num_computed, budget, cap or budget)
+        n = min(seq.num_to_prefill - seq.num_computed, budget, cap or budget)
         if seq.scope == "sequence" and seq.num_computed + n < seq.num_prompt:
             # Chunks end on group boundaries (or on multiples of a smaller chunk cap) so the
             # prompt's groups never depend on the load.
@@ -177,6 +234,9 @@ class Batcher:
 
     def _prefill_chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start = seq.num_computed
+        # A replay's last chunk ends before its newest token: nothing is sampled from it, and
+        # its prompt's logprobs were given already.
         return ScheduledChunk(seq.request_id, tuple(seq.token_ids[start:start + n]), start,
-                              seq.block_table, sample=start + n == seq.num_prompt,
-                              score_prompt=seq.prompt_logprobs is not None)
+                              seq.block_table, sample=start + n == len(seq.token_ids),
+                              score_prompt=seq.prompt_logprobs is not None
+                              and seq.num_generated == 0)

@@ -339,14 +339,15 @@ class Engine:
         admitted, self.batcher.admitted = tuple(self.batcher.admitted), []
         b = self.batcher
         queried, hits, b.prefix_queried, b.prefix_hits = b.prefix_queried, b.prefix_hits, 0, 0
+        preemptions, b.preemptions = b.preemptions, 0
         return StepStats(
             plan, tuple(moe), seconds, tuple(ttft), tuple(itl), num_tokens=plan.num_tokens,
             admitted=admitted,
-            num_running=len(self.batcher.running), num_waiting=len(self.batcher.waiting),
+            num_running=len(self.batcher.running), num_waiting=self.batcher.num_waiting,
             kv_blocks_used=self.blocks.num_used, kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_cached=self.blocks.num_cached,
             kv_blocks_evictable=self.blocks.num_evictable,
-            prefix_queried_tokens=queried, prefix_hit_tokens=hits,
+            prefix_queried_tokens=queried, prefix_hit_tokens=hits, preemptions=preemptions,
             graphed=self.runner.last_step_graphed,
             decode_graphs=0 if graphs is None else len(graphs.graphs),
         )
@@ -371,9 +372,10 @@ def request_stats(seq: Sequence, now: float, engine: Engine) -> RequestStats:
         decode_time=None if first is None or last is None else last - first,
         e2e_time=now - seq.arrival_time,
         num_running=len(engine.batcher.running),
-        num_waiting=len(engine.batcher.waiting),
+        num_waiting=engine.batcher.num_waiting,
         kv_blocks_used=engine.blocks.num_used,
         kv_blocks_cached=engine.blocks.num_cached,
         kv_blocks_evictable=engine.blocks.num_evictable,
         cached_tokens=seq.num_cached,
+        preemptions=seq.preemptions,
     )

@@ -86,6 +86,19 @@ class BlockManager:
         self._tables[seq_id] = table
         return table
 
+    def grow(self, seq_id: str, num_tokens: int) -> bool:
+        """Extend a sequence's table to hold num_tokens tokens; False (nothing taken) when the
+        blocks are not there."""
+        table = self._tables[seq_id]
+        need = self.blocks_for(num_tokens) - len(table)
+        if need > self.num_free:
+            return False
+        for _ in range(need):
+            b = self._free.popleft() if self._free else self._evict()
+            self._refs[b] = 1
+            table.append(b)
+        return True
+
     def _evict(self) -> int:
         block, _ = self._evictable.popitem(last=False)
         del self._block_of[self._key_of.pop(block)]

@@ -31,7 +31,9 @@ class Sequence:
     deadline: float | None = None  # time.monotonic() after which the request stops (time_limit)
     token_ids: list[int] = field(default_factory=list)  # prompt + generated so far
     num_computed: int = 0  # tokens whose KV entries are written (or scheduled this step)
-    block_table: tuple[int, ...] = ()  # reserved once at admission, never grows
+    # Its KV blocks: for the whole request at admission where it cannot be replayed, else
+    # grown as it decodes (docs/kv-cache.md)
+    block_table: tuple[int, ...] = ()
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     # prompt_logprobs asked: each prompt token's so far (None for the first); else None
@@ -40,6 +42,10 @@ class Sequence:
     prefix: PrefixChain | None = None
     num_cached: int = 0  # prompt tokens whose KV came from the prefix cache
     num_registered: int = 0  # leading blocks offered to the prefix cache
+    # Its routing groups can be formed again (docs/routing.md §8): it may be preempted, its
+    # blocks taken as it grows, and replayed later
+    replayable: bool = False
+    preemptions: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -69,5 +75,11 @@ class Sequence:
         return self.num_prompt + self.request.params.max_new_tokens - 1
 
     @property
+    def num_to_prefill(self) -> int:
+        """Tokens whose KV is computed before it decodes: its prompt, or after a preemption
+        every token but the newest (which the next decode step feeds, as it would have)."""
+        return max(self.num_prompt, len(self.token_ids) - 1)
+
+    @property
     def is_prefilling(self) -> bool:
-        return self.num_computed < self.num_prompt
+        return self.num_computed < self.num_to_prefill
