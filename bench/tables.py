@@ -453,6 +453,34 @@ def prefix_cache(results: list[Result]) -> list[Section]:
                "TTFT p50, cached / uncached", "TTFT ratio", "hit rate"], rows)])]
 
 
+def kv_on_demand(results: list[Result]) -> list[Section]:
+    blocks = []
+    for res in results:
+        c, s = res.data["config"], res.data["summary"]
+        m = s["median"]
+        blocks.append(caption(res, results) + table(
+            ["KV blocks", "output tok/s", "running per step, mean / max", "preemptions"],
+            [[name, num(m[name]["tok_s"]),
+              f"{m[name]['mean_running']:.1f} / {m[name]['max_running']:.0f}",
+              num(m[name]["preemptions"])] for name in ("on demand", "up front")])
+            + "\n\n" + para(
+                f"On demand / up front: {times(s['running_on_demand_over_up_front'], 1)} the "
+                f"running sequences (goal >= 4x), {times(s['tok_s_on_demand_over_up_front'])} "
+                f"the tokens (goal >= 2x); outputs {s['output_len']['min']}-"
+                f"{s['output_len']['max']} tokens (median {s['output_len']['median']:.0f}) of "
+                f"max_new_tokens up to {c['max_model_len']} - prompt, every one equal to an "
+                "unconstrained engine's."))
+    c = results[0].data["config"]
+    what = (
+        f"The default model (float32) with a KV cache of {c['blocks']} blocks of "
+        f"{c['block_size']} tokens: {c['requests']} code prompts queued at once, each asking "
+        f"for all the context leaves but stopping at the first space or newline after "
+        f"{c['min_new_tokens']} tokens; one engine giving blocks on demand (the default), one "
+        "reserving prompt + max_new_tokens at admission (`--no-kv-blocks-on-demand`), in turn, "
+        "medians over rounds; the running sequences are averaged over steps.")
+    return [Section("KV blocks on demand (`bench_kv_on_demand.py`)", what, results, blocks)]
+
+
 SOAK_KINDS = {"complete": "read to the end", "cancel": "cancel after a few tokens",
               "deadline": "a deadline of 0.05-2 s", "slow": "read slowly"}
 SOAK_PROCESSES = {"process_resident_memory_bytes": "front end",
@@ -710,6 +738,7 @@ RENDERERS: dict[str, Renderer] = {
     "bench_http_api": http_api,
     "bench_start": start,
     "bench_prefix_cache": prefix_cache,
+    "bench_kv_on_demand": kv_on_demand,
     "bench_expert_timing": expert_timing,
     "bench_expert_parallel": expert_parallel,
     "bench_vs_transformers": vs_transformers,

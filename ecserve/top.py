@@ -125,6 +125,7 @@ def header(snap: Snapshot) -> list[str]:
         f" (cached {_fmt(t('ecserve_kv_cache_blocks_cached'))},"
         f" evictable {_fmt(t('ecserve_kv_cache_blocks_evictable'))})"
         f"  |  prefix hits {_fmt(hit_rate, '.0f', 100)}%"
+        f"  preempted {_fmt(t('ecserve_preemptions_total'))}"
         f"  |  generated tokens {_fmt(t('ecserve_generation_tokens_total'))}",
         f"TTFT mean {_fmt(_mean(snap, 'ecserve_time_to_first_token_seconds'), '.2f', 1e3)} ms"
         f"  |  ITL mean {_fmt(_mean(snap, 'ecserve_inter_token_latency_seconds'), '.2f', 1e3)}"

@@ -70,6 +70,8 @@ EXPECTED: dict[str, tuple[str, Callable[[Data], bool], Callable[[list[Data]], li
         "bench_moe_layer", lambda d: True, lambda ds: [len(d["cases"]) for d in ds]),
     "(`bench_kernels.py`)": (
         "bench_kernels", lambda d: True, lambda ds: [n for d in ds for n in kernel_rows(d)]),
+    "(`bench_kv_on_demand.py`)": ("bench_kv_on_demand", lambda d: True,
+                                  lambda ds: [2 for _ in ds]),
     "(`bench_prefix_cache.py`)": ("bench_prefix_cache", lambda d: True, lambda ds: [len(ds)]),
     "(`bench_start.py`)": (
         "bench_start", lambda d: True, lambda ds: [len(d["config"]["variants"]) for d in ds]),

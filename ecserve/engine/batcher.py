@@ -44,6 +44,7 @@ class Batcher:
         self.preemptions = 0  # since stats last took them
         # Blocks admission leaves free while sequences run, so they can grow (1% as vLLM's).
         self.watermark = max(1, blocks.num_blocks // 100)
+        self._output_lens: deque[int] = deque(maxlen=64)  # of the last finished requests
         self.admitted: list[str] = []  # ids admitted since the engine last took them
 
     def check_room(self, num_requests: int, num_tokens: int) -> None:
@@ -76,6 +77,8 @@ class Batcher:
             self.waiting_tokens -= seq.num_prompt
         self.blocks.free(seq.request_id)
         seq.status = SeqStatus.FINISHED
+        if seq.num_generated:
+            self._output_lens.append(seq.num_generated)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.preempted or self.running)
@@ -87,8 +90,10 @@ class Batcher:
 
     def schedule(self) -> StepPlan | None:
         """This step's chunks (decode tokens first, then prefill chunks) and routing groups."""
-        self._admit()
+        # The decoding sequences' blocks first: admitting first could take the block a running
+        # sequence needs this step and preempt it at once.
         self._grow_decoding()
+        self._admit()
         budget = self.cfg.max_num_batched_tokens
         # Every decode token fits: the engine requires max_num_batched_tokens >= max_num_seqs.
         entries = [(s, self._decode_chunk(s)) for s in self.running if not s.is_prefilling]
@@ -135,9 +140,20 @@ class Batcher:
                 return
             seq = queue[0]
             cached = self._cached_prefix(seq)
-            tokens = seq.num_to_prefill if seq.replayable else seq.kv_tokens_needed
-            headroom = self.watermark if seq.replayable and self.running else 0
-            if not self.blocks.can_allocate(tokens + headroom * self.blocks.block_size, cached):
+            # A replay's blocks cover its newest token too: the next decode step writes its KV
+            # there, and a fully cached replay decodes in the step that admits it.
+            tokens = (len(seq.token_ids) if seq.num_generated else seq.num_prompt
+                      ) if seq.replayable else seq.kv_tokens_needed
+            # Room for what the running sequences and this one are expected to grow by too:
+            # admitting on the prompt's blocks alone, a cohort admitted together grows together
+            # and preempts a fifth of itself (measured: a preemption per request).
+            # Alone, a request takes what it needs now (it can always grow into the rest).
+            reserve = (self._growth(seq, tokens) + self.watermark
+                       + sum(self._growth(r, len(r.block_table) * self.blocks.block_size)
+                             for r in self.running if r.replayable)
+                       ) if seq.replayable and self.running else 0
+            if self.blocks.blocks_for(tokens) - len(cached) + reserve > (
+                    self.blocks.num_allocatable(cached)):
                 return
             queue.popleft()
             first = seq.admitted_time is None
@@ -154,11 +170,28 @@ class Batcher:
                 self.prefix_queried += seq.num_prompt
                 self.prefix_hits += seq.num_cached
             seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            _insert_by_arrival(self.running, seq)
+
+    @property
+    def expected_output(self) -> int:
+        """The output length to plan for: the median of the last finished requests' (a
+        median, so a few long ones do not stop admission), one block before any finished."""
+        lens = sorted(self._output_lens)
+        return lens[len(lens) // 2] if lens else self.blocks.block_size
+
+    def _growth(self, seq: Sequence, held_tokens: int) -> int:
+        """Blocks a replayable sequence holding blocks for held_tokens is expected to need
+        more: up to the expected output length (or past what it has), within its
+        max_new_tokens. A sequence that outgrows it may be preempted; that is the price."""
+        expect = min(seq.request.params.max_new_tokens,
+                     max(seq.num_generated + 1, self.expected_output))
+        return max(0, self.blocks.blocks_for(seq.num_prompt + expect - 1)
+                   - self.blocks.blocks_for(held_tokens))
 
     def _grow_decoding(self) -> None:
         """Give each decoding sequence the block its next token's KV goes to, oldest first;
-        where none is left, preempt the youngest replayable sequence (possibly itself)."""
+        where none is left, preempt the youngest replayable sequence (possibly itself): the
+        one with the least done, and never one just replayed ahead of a younger one."""
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING or seq.is_prefilling:
                 continue
@@ -179,9 +212,7 @@ class Batcher:
         seq.status = SeqStatus.WAITING
         seq.preemptions += 1
         self.preemptions += 1
-        at = next((i for i, s in enumerate(self.preempted) if s.arrival > seq.arrival),
-                  len(self.preempted))
-        self.preempted.insert(at, seq)
+        _insert_by_arrival(self.preempted, seq)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks a waiting sequence would start from: whole units of its prompt,
@@ -229,6 +260,8 @@ class Batcher:
 
     def _decode_chunk(self, seq: Sequence) -> ScheduledChunk:
         pos = len(seq.token_ids) - 1
+        # A table padded past its blocks would send this KV write to another sequence's block.
+        assert pos < len(seq.block_table) * self.blocks.block_size, (seq.request_id, pos)
         return ScheduledChunk(seq.request_id, (seq.token_ids[-1],), pos,
                               seq.block_table, sample=True)
 
@@ -240,3 +273,8 @@ class Batcher:
                               seq.block_table, sample=start + n == len(seq.token_ids),
                               score_prompt=seq.prompt_logprobs is not None
                               and seq.num_generated == 0)
+
+
+def _insert_by_arrival(seqs: list[Sequence] | deque[Sequence], seq: Sequence) -> None:
+    at = next((i for i, s in enumerate(seqs) if s.arrival > seq.arrival), len(seqs))
+    seqs.insert(at, seq)

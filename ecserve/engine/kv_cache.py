@@ -61,11 +61,14 @@ class BlockManager:
             out.append(block)
         return out
 
+    def num_allocatable(self, cached: Sequence[int] = ()) -> int:
+        """New blocks a sequence reusing `cached` (from `match`) could still take: taking an
+        unreferenced cached block takes it out of the evictable ones."""
+        return self.num_free - sum(b in self._evictable for b in cached)
+
     def can_allocate(self, num_tokens: int, cached: Sequence[int] = ()) -> bool:
-        """Whether a sequence of num_tokens fits, reusing `cached` (from `match`) for its
-        first blocks."""
-        reused_idle = sum(b in self._evictable for b in cached)
-        return self.blocks_for(num_tokens) - len(cached) <= self.num_free - reused_idle
+        """Whether a sequence of num_tokens fits, reusing `cached` for its first blocks."""
+        return self.blocks_for(num_tokens) - len(cached) <= self.num_allocatable(cached)
 
     def allocate(self, seq_id: str, num_tokens: int, cached: Sequence[int] = ()) -> list[int]:
         """Reserve blocks for `num_tokens` tokens of a new sequence, its first blocks the cached
