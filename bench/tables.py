@@ -459,13 +459,18 @@ def kv_on_demand(results: list[Result]) -> list[Section]:
         c, s = res.data["config"], res.data["summary"]
         m = s["median"]
         blocks.append(caption(res, results) + table(
-            ["KV blocks", "output tok/s", "running per step, mean / max", "preemptions"],
+            ["KV blocks", "output tok/s", "running per step: median / mean / max",
+             "preemptions, each round"],
             [[name, num(m[name]["tok_s"]),
-              f"{m[name]['mean_running']:.1f} / {m[name]['max_running']:.0f}",
-              num(m[name]["preemptions"])] for name in ("on demand", "up front")])
+              f"{m[name]['median_running']:.0f} / {m[name]['mean_running']:.1f} / "
+              f"{m[name]['max_running']:.0f}",
+              ", ".join(str(r["preemptions"]) for r in res.data["runs"][name])]
+             for name in ("on demand", "up front")])
             + "\n\n" + para(
                 f"On demand / up front: {times(s['running_on_demand_over_up_front'], 1)} the "
-                f"running sequences (goal >= 4x), {times(s['tok_s_on_demand_over_up_front'])} "
+                f"running sequences, median over steps (goal >= 4x; the mean: "
+                f"{times(s['mean_running_on_demand_over_up_front'], 1)}), "
+                f"{times(s['tok_s_on_demand_over_up_front'])} "
                 f"the tokens (goal >= 2x); outputs {s['output_len']['min']}-"
                 f"{s['output_len']['max']} tokens (median {s['output_len']['median']:.0f}) of "
                 f"max_new_tokens up to {c['max_model_len']} - prompt, every one equal to an "
