@@ -145,15 +145,16 @@ class Batcher:
             tokens = (len(seq.token_ids) if seq.num_generated else seq.num_prompt
                       ) if seq.replayable else seq.kv_tokens_needed
             # Room for what the running sequences and this one are expected to grow by too:
-            # admitting on the prompt's blocks alone, a cohort admitted together grows together
-            # and preempts a fifth of itself (measured: a preemption per request).
-            # Alone, a request takes what it needs now (it can always grow into the rest).
+            # admitted on their prompts' blocks alone, requests admitted together grow together
+            # and preempt each other (measured: about one preemption per request). Alone, a
+            # request takes what it needs now (it can always grow into the rest).
             reserve = (self._growth(seq, tokens) + self.watermark
                        + sum(self._growth(r, len(r.block_table) * self.blocks.block_size)
                              for r in self.running if r.replayable)
                        ) if seq.replayable and self.running else 0
-            if self.blocks.blocks_for(tokens) - len(cached) + reserve > (
-                    self.blocks.num_allocatable(cached)):
+            room = self.blocks.num_allocatable(cached)
+            if self.blocks.blocks_for(tokens) - len(cached) + reserve > room and not (
+                    seq.replayable and self._fits_whole(seq, cached, room)):
                 return
             queue.popleft()
             first = seq.admitted_time is None
@@ -171,6 +172,14 @@ class Batcher:
                 self.prefix_hits += seq.num_cached
             seq.status = SeqStatus.RUNNING
             _insert_by_arrival(self.running, seq)
+
+    def _fits_whole(self, seq: Sequence, cached: list[int], room: int) -> bool:
+        """Whether every running request and this one fit at their longest: then up-front
+        reservation would admit it, and so does this (a cache sized for max_num_seqs whole
+        requests never waits on the plan for growth)."""
+        rest = sum(self.blocks.blocks_for(r.kv_tokens_needed) - len(r.block_table)
+                   for r in self.running if r.replayable)
+        return self.blocks.blocks_for(seq.kv_tokens_needed) - len(cached) + rest <= room
 
     @property
     def expected_output(self) -> int:
