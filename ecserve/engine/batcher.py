@@ -210,7 +210,9 @@ class Batcher:
                 if victim is seq:
                     break
             else:
-                seq.block_table = tuple(self.blocks.table(seq.request_id))
+                table = self.blocks.table(seq.request_id)
+                if len(table) != len(seq.block_table):  # a block added: most steps none
+                    seq.block_table = tuple(table)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it waits to be replayed from position 0 (its
