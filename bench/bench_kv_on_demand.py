@@ -29,7 +29,7 @@ from pathlib import Path
 from provenance import stamp
 
 from ecserve.config import EngineConfig
-from ecserve.engine.engine import Engine
+from ecserve.engine.llm import LLM
 from ecserve.engine.runner import kv_bytes_per_block
 from ecserve.types import Request, SamplingParams
 
@@ -39,18 +39,19 @@ STARTS = ["def add(a, b):", "class Stack:", "import os\n", "def main():", "for i
           "def split(text, sep):", "class Queue:"]
 
 
-def run(engine: Engine, prompts: list[list[int]], min_new: int) -> dict:
+def run(llm: LLM, prompts: list[list[int]], min_new: int) -> dict:
+    engine = llm.engine  # stepped through LLM, which runs the text stage (stop sequences)
     max_len = engine.max_model_len
     for i, p in enumerate(prompts):
         params = SamplingParams(max_new_tokens=max_len - len(p), min_new_tokens=min_new,
                                 stop_sequences=("\n", " "), temperature=0.0)
-        engine.add_request(Request(f"r{i}", tuple(p), params))
+        llm.add_request(Request(f"r{i}", tuple(p), params))
     outputs: dict[str, list[int]] = {}
     running, preemptions, steps = [], 0, 0
     last = engine.last_stats
     t0 = time.perf_counter()
     while engine.has_unfinished():
-        for ev in engine.step():
+        for ev in llm.step():
             if ev.token_id is not None:
                 outputs.setdefault(ev.request_id, []).append(ev.token_id)
         stats = engine.last_stats
@@ -78,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-new-tokens", type=int, default=56)
     a = ap.parse_args(argv)
     base = EngineConfig(device="cpu", dtype="float32", max_num_seqs=64)
-    reference = Engine(None, base)
+    reference = LLM(None, base)
     # A numbered comment, then the start of some code: every output ends within a few tokens
     # of --min-new-tokens (56-62 tokens here).
-    prompts = [reference.encode(f"# {i}\n{STARTS[i % len(STARTS)]}") for i in range(a.requests)]
-    per_block = kv_bytes_per_block(reference.runner.model, base.block_size)
+    prompts = [reference.engine.encode(f"# {i}\n{STARTS[i % len(STARTS)]}")
+               for i in range(a.requests)]
+    per_block = kv_bytes_per_block(reference.engine.runner.model, base.block_size)
     small = dataclasses.replace(base, kv_cache_bytes=a.blocks * per_block)
-    engines = {"on demand": Engine(None, small),
-               "up front": Engine(None, dataclasses.replace(small, kv_blocks_on_demand=False))}
+    engines = {"on demand": LLM(None, small),
+               "up front": LLM(None, dataclasses.replace(small, kv_blocks_on_demand=False))}
     want = run(reference, prompts, a.min_new_tokens)["outputs"]
     results: dict[str, list[dict]] = {name: [] for name in engines}
     for r in range(a.rounds):

@@ -32,15 +32,13 @@ from ecserve.types import RequestStats, StepPlan, StepStats
 log = logging.getLogger("ecserve.core")
 
 # What the core runs: a picklable callable (the process is spawned) that loads the engine
-# and returns it with what to call once the loop has ended. It takes `detokenize`, always False
-# under a server: the front end runs the text stage, wherever the core runs.
-EngineLoader = Callable[..., tuple[Engine, Callable[[], None] | None]]
+# and returns it with what to call once the loop has ended.
+EngineLoader = Callable[[], tuple[Engine, Callable[[], None] | None]]
 
 
-def load_engine(model: str | None, cfg: EngineConfig, detokenize: bool = False
-                ) -> tuple[Engine, None]:
+def load_engine(model: str | None, cfg: EngineConfig) -> tuple[Engine, None]:
     """The plain loader: one engine on one device."""
-    return Engine(model, cfg, detokenize=detokenize), None
+    return Engine(model, cfg), None
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ def run_core(load: EngineLoader, spec: CoreSpec, input_addr: str, output_addr: s
     outputs.setsockopt(zmq.LINGER, 5000)
     outputs.bind(output_addr)
     try:
-        engine, close = load(detokenize=False)
+        engine, close = load()
     except Exception as e:  # the front end reports it (one line) and exits 2
         log.debug("the engine core could not load its model", exc_info=True)
         outputs.send(codec.encode(CoreHello(error=f"{e}", error_type=type(e).__name__,

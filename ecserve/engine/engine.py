@@ -31,7 +31,6 @@ from ecserve.engine.runner import (
 )
 from ecserve.engine.sampler import sample, token_logprobs
 from ecserve.engine.sequence import Sequence
-from ecserve.engine.text import TextStage
 from ecserve.model.default import default_model_dir
 from ecserve.model.transformer import Transformer
 from ecserve.model.weights import TORCH_DTYPES, ExpertFilter, load_model, read_config
@@ -80,14 +79,15 @@ class EngineObserver(Protocol):
 class Engine:
     def __init__(self, model_dir: str | Path | None = None, cfg: EngineConfig | None = None,
                  *, experts: ExpertFilter | None = None,
-                 lockstep: Callable[[Transformer, RunnerSetup], Lockstep] | None = None,
-                 detokenize: bool = True):
+                 lockstep: Callable[[Transformer, RunnerSetup], Lockstep] | None = None):
         """experts (expert parallelism): load only these experts of each MoE layer
         (ecserve.model.weights.ExpertFilter). lockstep (expert parallelism): called with the
         loaded model and what the other ranks need, before the runner is made; returns the
         processes the runner steps with (ecserve.parallel.driver.ExpertParallel.attach).
-        detokenize: events carry text and stop sequences end requests (ecserve.engine.text);
-        False for an engine core whose caller runs the text stage itself."""
+
+        The engine steps token ids: its events carry no text and it never looks for stop
+        sequences. Its caller runs the text stage (ecserve.engine.text): a server's front end,
+        or `LLM`, whose add_request/step is the way to step an engine with text."""
         self.cfg = cfg = cfg or EngineConfig()
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         self.model_name = self.model_dir.name if model_dir is not None else "default"
@@ -118,9 +118,6 @@ class Engine:
                                     cfg.max_waiting_tokens, cfg.block_size, num_blocks)
         self.batcher = Batcher(cfg, mc.routing, mc.num_experts, self.blocks, self.limits,
                                identity=f"{self.model_dir.resolve()}|{self.dtype_name}")
-        # For callers that step the engine themselves and want text; None where the caller
-        # runs the text stage (a server's front end, LLM), which sets it so.
-        self.text: TextStage | None = TextStage(self.tokenizer) if detokenize else None
         # Expert-parallel steps run collectives with the other ranks: no graph holds them.
         parallel = experts is not None or lockstep is not None
         if cfg.cuda_graphs and device.type == "cuda" and not parallel:
@@ -206,8 +203,6 @@ class Engine:
         self.batcher.add(seq)
         self._arrivals += 1
         self.seqs[request.request_id] = seq
-        if self.text is not None:
-            self.text.add(request)
 
     def validate(self, r: Request) -> None:
         """Raise RequestError naming the field if the engine cannot serve `r` as given."""
@@ -222,8 +217,6 @@ class Engine:
         seq = self.seqs.get(request_id)
         if seq is None:
             return False
-        if self.text is not None:
-            self.text.drop(request_id)
         seq.finish_reason = reason
         self._remove(seq)
         return True
@@ -264,8 +257,8 @@ class Engine:
             return events + self._fail([self.seqs[c.request_id] for c in plan.chunks],
                                        f"{type(exc).__name__}: {exc}")
         eos = self.model_cfg.eos_token_id
-        events += self._texts([append_token(s, t, eos, lp)
-                               for s, t, lp in zip(seqs, tokens, logprobs, strict=True)])
+        events += [append_token(s, t, eos, lp)
+                   for s, t, lp in zip(seqs, tokens, logprobs, strict=True)]
         ttft, itl = self._token_times(seqs)
         for seq in seqs:
             if seq.finish_reason is not None:
@@ -305,36 +298,29 @@ class Engine:
     def _end(self, seqs: list[Sequence], reason: FinishReason, detail: str = ""
              ) -> list[TokenEvent]:
         """End `seqs` between tokens; the reason is set before the observer hears of them."""
-        events = self._texts([end_without_token(s, reason, detail) for s in seqs])
+        events = [end_without_token(s, reason, detail) for s in seqs]
         for seq in seqs:
             self._remove(seq)
         return events
 
-    def _texts(self, events: list[TokenEvent]) -> list[TokenEvent]:
-        """The text stage, in-process: text on the events, and stop sequences end requests
-        (the caller removes finished sequences)."""
-        if self.text is None:
-            return events
-        events, stopped = self.text.process(events)
-        for rid in stopped:
-            self.seqs[rid].finish_reason = FinishReason.STOP_SEQUENCE
-        return events
-
-    def _token_times(self, seqs: list[Sequence]) -> tuple[list[float], list[float]]:
-        """Stamp this step's tokens; (time to first token, inter-token latency) samples."""
+    def _token_times(self, seqs: list[Sequence]
+                     ) -> tuple[list[tuple[str, float]], list[float]]:
+        """Stamp this step's tokens; ((source, time to first token), inter-token latency)
+        samples."""
         now = time.monotonic()
-        ttft, itl = [], []
+        ttft: list[tuple[str, float]] = []
+        itl: list[float] = []
         for seq in seqs:
             if seq.last_token_time is None:
                 seq.first_token_time = now
-                ttft.append(now - seq.arrival_time)
+                ttft.append((seq.request.source, now - seq.arrival_time))
             else:
                 itl.append(now - seq.last_token_time)
             seq.last_token_time = now
         return ttft, itl
 
     def _step_stats(self, plan: StepPlan, moe: list[MoEStats], seconds: float,
-                    ttft: list[float], itl: list[float]) -> StepStats:
+                    ttft: list[tuple[str, float]], itl: list[float]) -> StepStats:
         graphs = self.runner.decode_graphs
         admitted, self.batcher.admitted = tuple(self.batcher.admitted), []
         b = self.batcher
@@ -378,4 +364,5 @@ def request_stats(seq: Sequence, now: float, engine: Engine) -> RequestStats:
         kv_blocks_evictable=engine.blocks.num_evictable,
         cached_tokens=seq.num_cached,
         preemptions=seq.preemptions,
+        source=seq.request.source,
     )

@@ -32,9 +32,23 @@ class LLM:
     def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
         # The engine steps token ids; the text stage runs here, as a server's front end runs
         # it over its engine core (ecserve/server/front_end.py).
-        self.engine = Engine(model, config, detokenize=False)
+        self.engine = Engine(model, config)
         self.text = TextStage(self.engine.tokenizer)
         self._ids = itertools.count()
+
+    def add_request(self, request: Request) -> None:
+        """Queue one request (raises QueueFullError at the engine's queue bound, RequestError
+        for bad input); its events come from step()."""
+        self.engine.add_request(request)
+        self.text.add(request)
+
+    def step(self) -> list[TokenEvent]:
+        """One engine step; its events with their text. A request whose text reached a stop
+        sequence finishes here (STOP_SEQUENCE) and the engine drops it."""
+        events, stopped = self.text.process(self.engine.step())
+        for rid in stopped:
+            self.engine.abort(rid, FinishReason.STOP_SEQUENCE)
+        return events
 
     def generate(
         self,
@@ -67,17 +81,13 @@ class LLM:
             while pending:
                 r = pending[-1]
                 try:
-                    self.engine.add_request(r)
+                    self.add_request(r)
                 except QueueFullError:
                     break
                 pending.pop()
-                self.text.add(r)
                 seeds[r.request_id] = self.engine.seqs[r.request_id].seed
                 tokens[r.request_id], texts[r.request_id] = [], []
-            events, stopped = self.text.process(self.engine.step())
-            for rid in stopped:  # the text reached a stop sequence: the engine ends it
-                self.engine.abort(rid, FinishReason.STOP_SEQUENCE)
-            for ev in events:
+            for ev in self.step():
                 if ev.token_id is not None:
                     tokens[ev.request_id].append(ev.token_id)
                 texts[ev.request_id].append(ev.text)

@@ -1,8 +1,8 @@
 """The text stage: token events -> text deltas, and stop sequences over that text.
 
 It runs where the caller reads events: in the server's front end (wherever the engine core
-runs, so detokenization never holds a core process's GIL), in the offline `LLM`, and inside an
-`Engine` made with `detokenize=True` for scripts that step it themselves.
+runs, so detokenization never holds a core process's GIL) and in the offline `LLM` (whose
+add_request/step serve scripts that step an engine themselves). The engine never runs it.
 A stop sequence is found here, after the engine produced the token: the caller then aborts
 the request in the engine (`TextStage.process` returns which).
 """

@@ -53,7 +53,7 @@ def serve_expert_parallel(
 
 
 def load_expert_parallel(model: str | None, engine_cfg: EngineConfig, world: int,
-                         placement: Placement, torchrun: bool, detokenize: bool = False
+                         placement: Placement, torchrun: bool
                          ) -> tuple[Engine, Callable[[], None]]:
     """Rank 0 (an EngineLoader): join or start the group, load rank 0's experts, and return
     the engine with what stops the workers and leaves the group."""
@@ -70,7 +70,7 @@ def load_expert_parallel(model: str | None, engine_cfg: EngineConfig, world: int
     try:
         # Rank 0 reads only its own experts from the checkpoint, as the workers do.
         engine = Engine(model, engine_cfg, experts=owned_experts(placement, 0),
-                        lockstep=ep.attach, detokenize=detokenize)
+                        lockstep=ep.attach)
     except BaseException:
         ep.close()
         raise

@@ -305,7 +305,7 @@ def serve_model(load: EngineLoader, model: str | None, cfg: ServerConfig,
     closers: list[Callable[[], None]] = []
 
     def load_here() -> Engine:
-        engine, close = load(detokenize=False)
+        engine, close = load()
         if close is not None:
             closers.append(close)
         return engine

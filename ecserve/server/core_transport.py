@@ -68,8 +68,6 @@ class ThreadTransport:
         loop = asyncio.get_running_loop()
         source = self._source
         engine = source if isinstance(source, Engine) else await in_daemon_thread(source)
-        # The front end runs the text stage, as for a core in its own process.
-        engine.text = None
         self.core = EngineCore(engine, lambda out: loop.call_soon_threadsafe(deliver, out))
         self._thread = threading.Thread(target=self._run, args=(loop, ended),
                                         name="ecserve-engine", daemon=True)
