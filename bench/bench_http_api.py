@@ -108,8 +108,12 @@ def server_e2e(metrics_port: int) -> tuple[float, float]:
         lines = r.read().decode().splitlines()
     values = {line.split()[0]: float(line.split()[1]) for line in lines
               if line.startswith("ecserve_e2e_request_latency_seconds_")}
-    return (values["ecserve_e2e_request_latency_seconds_sum"],
-            values["ecserve_e2e_request_latency_seconds_count"])
+
+    def total(part: str) -> float:  # over the protocols
+        prefix = f"ecserve_e2e_request_latency_seconds_{part}{{"
+        return sum(v for k, v in values.items() if k.startswith(prefix))
+
+    return total("sum"), total("count")
 
 
 def with_server_view(run: Callable[[], dict[str, Any]], metrics_port: int, concurrency: int,

@@ -67,19 +67,22 @@ class Metrics:
                  ) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
-        # Serving, as vLLM names them.
+        # Serving, as vLLM names them. Series per request carry the protocol it came through;
+        # per-token and per-step series (inter-token latency, generated tokens) do not.
+        per_request = ["protocol"]
         self.ttft = hist("ecserve_time_to_first_token_seconds",
-                         "Arrival to first generated token.", TTFT_BUCKETS)
+                         "Arrival to first generated token.", TTFT_BUCKETS, per_request)
         self.itl = hist("ecserve_inter_token_latency_seconds",
                         "Time between a request's consecutive tokens.", ITL_BUCKETS)
         self.e2e = hist("ecserve_e2e_request_latency_seconds",
-                        "Arrival to finish, per finished request.", REQUEST_BUCKETS)
+                        "Arrival to finish, per finished request.", REQUEST_BUCKETS, per_request)
         self.queue = hist("ecserve_request_queue_time_seconds",
-                          "Arrival to admission (KV blocks reserved).", REQUEST_BUCKETS)
+                          "Arrival to admission (KV blocks reserved).", REQUEST_BUCKETS,
+                          per_request)
         self.prefill = hist("ecserve_request_prefill_time_seconds",
-                            "Admission to first token.", REQUEST_BUCKETS)
+                            "Admission to first token.", REQUEST_BUCKETS, per_request)
         self.decode = hist("ecserve_request_decode_time_seconds",
-                           "First token to last token.", REQUEST_BUCKETS)
+                           "First token to last token.", REQUEST_BUCKETS, per_request)
         self.running = Gauge("ecserve_requests_running", "Requests holding KV blocks.",
                              registry=r)
         self.waiting = Gauge("ecserve_requests_waiting", "Requests queued for admission.",
@@ -107,21 +110,24 @@ class Metrics:
                                    "prefix cache: their KV was not computed again.",
                                    registry=r)
         self.prompt_tokens = Counter("ecserve_prompt_tokens", "Prompt tokens of finished "
-                                     "requests.", registry=r)
+                                     "requests.", per_request, registry=r)
         self.generation_tokens = Counter("ecserve_generation_tokens", "Tokens generated.",
                                          registry=r)
-        self.finished = Counter("ecserve_requests_finished", "Finished requests by stop reason.",
-                                ["reason"], registry=r)
-        for reason in FinishReason:
-            self.finished.labels(reason.value)
+        self.finished = Counter("ecserve_requests_finished", "Finished requests by protocol "
+                                "and stop reason.", ["protocol", "reason"], registry=r)
         self.rejected = Counter("ecserve_requests_rejected", "Requests refused before they "
                                 "started, by protocol and status code (gRPC's name, HTTP's "
                                 "number).", ["protocol", "code"], registry=r)
         self.received = Counter("ecserve_requests_received", "Generation requests accepted, by "
                                 "protocol (an OpenAI call with n choices counts n).",
                                 ["protocol"], registry=r)
-        for protocol in PROTOCOLS:
+        for protocol in PROTOCOLS:  # every series there from the start, at 0
             self.received.labels(protocol)
+            for series in (self.ttft, self.e2e, self.queue, self.prefill, self.decode,
+                           self.prompt_tokens):
+                series.labels(protocol)
+            for reason in FinishReason:
+                self.finished.labels(protocol, reason.value)
         # Steps and devices.
         self.step_time = hist("ecserve_step_duration_seconds", "Engine step wall time.",
                               STEP_BUCKETS, ["device"]).labels(device)
@@ -161,8 +167,8 @@ class Metrics:
     def step_done(self, stats: StepStats) -> None:
         self.step_time.observe(stats.seconds)
         self.step_tokens.observe(stats.num_tokens)
-        for v in stats.time_to_first_token:
-            self.ttft.observe(v)
+        for source, v in stats.time_to_first_token:
+            self.ttft.labels(source).observe(v)
         for v in stats.inter_token_latency:
             self.itl.observe(v)
         self.generation_tokens.inc(len(stats.time_to_first_token) +
@@ -181,19 +187,20 @@ class Metrics:
         self.routing.add(stats.moe, stats.plan.group_sizes)
 
     def request_done(self, stats: RequestStats) -> None:
-        self.finished.labels(stats.finish_reason.value).inc()
+        protocol = stats.source
+        self.finished.labels(protocol, stats.finish_reason.value).inc()
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_used.set(stats.kv_blocks_used)
         self.kv_cached.set(stats.kv_blocks_cached)
         self.kv_evictable.set(stats.kv_blocks_evictable)
-        self.prompt_tokens.inc(stats.prompt_tokens)
-        self.e2e.observe(stats.e2e_time)
-        self.queue.observe(stats.queue_time)
+        self.prompt_tokens.labels(protocol).inc(stats.prompt_tokens)
+        self.e2e.labels(protocol).observe(stats.e2e_time)
+        self.queue.labels(protocol).observe(stats.queue_time)
         if stats.prefill_time is not None:
-            self.prefill.observe(stats.prefill_time)
+            self.prefill.labels(protocol).observe(stats.prefill_time)
         if stats.decode_time is not None:
-            self.decode.observe(stats.decode_time)
+            self.decode.labels(protocol).observe(stats.decode_time)
 
     # ---------------------------------------------------------------- the rest
 

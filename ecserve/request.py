@@ -117,3 +117,6 @@ class Request:
     """Who shares this request's routing groups: batch | sequence (docs/routing.md §5);
     default: the model's routing.scope."""
     arrival_time: float | None = None  # time.monotonic() when it arrived; None: when queued
+    source: str = ""
+    """What it came through (a server's protocol: grpc, http): carried unread to the
+    request's stats, where the metrics label per-request series with it."""

@@ -99,7 +99,8 @@ class StepStats:
     plan: StepPlan  # the chunks and routing groups that ran
     moe: tuple[MoEStats, ...]  # per MoE layer, in block order
     seconds: float  # wall time of the step (schedule to events)
-    time_to_first_token: tuple[float, ...] = ()  # arrival -> first token, requests starting now
+    # (source, arrival -> first token) of the requests whose first token this step made
+    time_to_first_token: tuple[tuple[str, float], ...] = ()
     inter_token_latency: tuple[float, ...] = ()  # since the previous token, the other requests
     num_running: int = 0  # after the step: requests holding KV blocks
     num_waiting: int = 0  # after the step: requests queued for admission
@@ -137,3 +138,4 @@ class RequestStats:
     kv_blocks_evictable: int = 0
     cached_tokens: int = 0  # its prompt tokens whose KV came from the prefix cache
     preemptions: int = 0  # times its blocks were taken and it was replayed
+    source: str = ""  # Request.source: the protocol it came through

@@ -97,7 +97,7 @@ def test_core_process_answers_as_the_engine_on_a_thread(make_model):
     assert got[1].stop_reason == pb.STOP_REASON_STOP_SEQUENCE
     # The stop sequence was found in the front end and ended the request in the core: counted
     # under its reason, its KV blocks freed.
-    assert 'ecserve_requests_finished_total{reason="stop_sequence"} 1.0' in metrics
+    assert 'ecserve_requests_finished_total{protocol="grpc",reason="stop_sequence"} 1.0' in metrics
     assert re.search(r"^ecserve_kv_cache_blocks_used 0\.0$", metrics, re.M)
 
 

@@ -47,7 +47,8 @@ class Replica:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
             text = r.read().decode()
         return sum(float(v) for v in re.findall(
-            r'^ecserve_requests_finished_total\{reason="length"\} (\S+)$', text, re.M))
+            r'^ecserve_requests_finished_total\{protocol="\w+",reason="length"\} (\S+)$',
+            text, re.M))
 
     def stop(self) -> None:
         if self.proc.poll() is None:

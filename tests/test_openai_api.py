@@ -90,8 +90,17 @@ def idle(server: ServerThread) -> bool:
 
 
 def aborted(server: ServerThread) -> float:
-    """Requests the engine ended as cancelled."""
-    return server.server.metrics.finished.labels("aborted")._value.get()
+    """HTTP requests the engine ended as cancelled."""
+    return server.server.metrics.finished.labels("http", "aborted")._value.get()
+
+
+def scrape(server: ServerThread) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """(sample name, its labels) -> value, from the HTTP port's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = raw(server, "GET", "/metrics")[2].decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 # ---------------------------------------------------------------------- completions
@@ -429,6 +438,35 @@ def test_both_placements_answer_alike_and_free_what_clients_leave(placed):
         leaving.completions.create(model="default", prompt=PROMPT, max_tokens=480,
                                    temperature=0, extra_body={"ignore_eos": True})
     placed.wait_until(lambda: drained(placed) and aborted(placed) == before + 2, timeout=10)
+
+
+def test_per_request_series_carry_the_protocol(placed):
+    """Each request counted once, under the protocol it came through, wherever the core runs
+    (the label travels with the request to the core and back in its stats)."""
+    client = openai.OpenAI(base_url=placed.http_url + "/v1", api_key="x", max_retries=0)
+    before = scrape(placed)
+    r = client.completions.create(model="default", prompt=PROMPT, max_tokens=5, n=2,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    with Client(placed.address) as c:
+        g = c.generate(PROMPT, max_new_tokens=5, ignore_eos=True)
+    after = scrape(placed)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after[key] - before[key]
+
+    assert len(r.choices) == 2
+    for protocol, n in (("http", 2), ("grpc", 1)):
+        assert delta("ecserve_requests_finished_total", protocol=protocol, reason="length") == n
+        assert delta("ecserve_requests_received_total", protocol=protocol) == n
+        for name in ("ecserve_time_to_first_token_seconds_count",
+                     "ecserve_e2e_request_latency_seconds_count",
+                     "ecserve_request_queue_time_seconds_count",
+                     "ecserve_request_decode_time_seconds_count"):
+            assert delta(name, protocol=protocol) == n, (name, protocol)
+        assert delta("ecserve_prompt_tokens_total", protocol=protocol) == \
+            n * g.input_token_count  # the same prompt each time
+    assert delta("ecserve_generation_tokens_total") == 15  # per token: no protocol label
 
 
 def test_a_chat_template_that_cannot_be_read_fails_the_start_in_one_line(tmp_path):

@@ -120,13 +120,13 @@ def test_exact_counters_after_known_workload(make_model, c, mode):
     # Serving counters.
     assert all(r.generated_token_count == 6 for r in responses)
     assert value(found, "ecserve_generation_tokens_total") == 6 * len(PROMPTS)
-    assert value(found, "ecserve_requests_finished_total", reason="length") == len(PROMPTS)
-    assert sum(value(found, "ecserve_requests_finished_total", reason=reason)
-               for (name, labels) in found if name == "ecserve_requests_finished_total"
-               for _, reason in labels) == len(PROMPTS)
+    assert value(found, "ecserve_requests_finished_total", protocol="grpc",
+                 reason="length") == len(PROMPTS)
+    assert sum(v for (name, _), v in found.items()
+               if name == "ecserve_requests_finished_total") == len(PROMPTS)
     prompt_tokens = sum(len(engine.encode(p)) for p in PROMPTS)
     assert sum(r.input_token_count for r in responses) == prompt_tokens
-    assert value(found, "ecserve_prompt_tokens_total") == prompt_tokens
+    assert value(found, "ecserve_prompt_tokens_total", protocol="grpc") == prompt_tokens
 
     # Routing groups: the step's plan decides them; every MoE layer uses the same ones.
     sizes = [n for r in records for n in r.stats.plan.group_sizes]
@@ -276,8 +276,8 @@ def test_real_prometheus_scrapes_and_answers_promql(make_model, tmp_path: Path):
             assert {(r["metric"]["layer"], r["metric"]["expert"]) for r in lat} == want
             assert all(0 < float(r["value"][1]) < math.inf for r in lat), lat
 
-            ttft = poll(base, "histogram_quantile(0.9, ecserve_time_to_first_token_seconds_bucket)",
-                        until)
+            ttft = poll(base, "histogram_quantile(0.9, sum by (le) "
+                              "(ecserve_time_to_first_token_seconds_bucket))", until)
             assert len(ttft) == 1 and 0 < float(ttft[0]["value"][1]) < math.inf, ttft
 
             targets = api(base, "/api/v1/targets")["activeTargets"]

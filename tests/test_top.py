@@ -141,8 +141,8 @@ def test_render_against_server(full):
     assert f"generated tokens {generated:.0f}" in out
     assert f"KV blocks {raw(text, 'ecserve_kv_cache_blocks_used'):.0f}/" \
            f"{raw(text, 'ecserve_kv_cache_capacity_blocks'):.0f}" in out
-    ttft = (raw(text, "ecserve_time_to_first_token_seconds_sum")
-            / raw(text, "ecserve_time_to_first_token_seconds_count"))
+    ttft = (raw(text, "ecserve_time_to_first_token_seconds_sum", protocol="grpc")
+            / raw(text, "ecserve_time_to_first_token_seconds_count", protocol="grpc"))
     assert f"TTFT mean {ttft * 1e3:.2f} ms" in out
     for layer in layers:
         d = raw(text, "ecserve_moe_dropped_tokens_total", layer=str(layer))

@@ -135,7 +135,7 @@ def to_request(
         raise InvalidArgument(proto_message(e, False)) from e
     ids = tuple(msg.prompt_token_ids) if msg.prompt_token_ids else tuple(encode(msg.prompt))
     return Request(request_id, ids, params, SCOPES[msg.routing_scope],
-                   arrival_time=time.monotonic())
+                   arrival_time=time.monotonic(), source="grpc")
 
 
 class ResponseBuilder:

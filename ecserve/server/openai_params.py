@@ -344,7 +344,7 @@ def parse_call(raw: Any, kind: Kind, cfg: ServerConfig, model: str, max_model_le
                 secrets.randbits(63)
             requests.append(Request(
                 f"{prefix}-{p * n + i}" if len(prompts) * n > 1 else prefix, ids,
-                _with_seed(params, choice_seed), scope, arrival_time=arrival))
+                _with_seed(params, choice_seed), scope, arrival_time=arrival, source="http"))
     return Call(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + prefix, model,
                 int(time.time()), tuple(requests), n, tuple(t for _, t in prompts), stream,
                 include_usage, continuous_usage, echo, logprobs, prompt_logprobs)
