@@ -2,7 +2,7 @@
 bench --protocol http` on one workload.
 
     python bench/bench_http_api.py [--json PATH] [--rounds 3] [--output-len 64]
-        [--guidellm] [--guidellm-only]
+        [--guidellm] [--guidellm-only] [--split-cpus]
 
 1. Protocols: one `ecserve serve` (the engine core in its own process, the default), loaded by
    `ecserve bench`'s closed loop over gRPC and over HTTP in turn, at 1 and 32 streams (16 prompt
@@ -13,7 +13,10 @@ bench --protocol http` on one workload.
    /v1/completions, concurrency 4, 32 requests, synthetic 64-token prompts, 32 output tokens,
    the model's own tokenizer directory, offline) and `ecserve bench --protocol http` on the same
    workload, alternating; their output tok/s should agree within 10%.
-The load generators share the machine with the server, as co-located clients would.
+The load generators share the machine with the server, as co-located clients would; with
+--split-cpus the server (both its processes, one torch thread) runs on CPU 0 and the load
+generators (this process, guidellm's) on the others, as clients on machines of their own:
+a client's own CPU use then cannot slow the server it measures.
 """
 
 from __future__ import annotations
@@ -42,12 +45,16 @@ PROMPT_LEN = 16
 GUIDELLM = {"concurrency": 4, "requests": 32, "prompt_tokens": 64, "output_tokens": 32}
 
 
-def start_server(grpc_port: int, http_port: int, metrics_port: int
-                 ) -> subprocess.Popen[bytes]:
+def start_server(grpc_port: int, http_port: int, metrics_port: int,
+                 cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+    """`ecserve serve`; on `cpus` (its engine-core process too) with one torch thread."""
     cmd = [sys.executable, "-m", "ecserve", "serve", "--port", str(grpc_port),
            "--metrics-port", str(metrics_port), "--http-port", str(http_port),
            "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd)
+    if cpus is not None:
+        cmd += ["--torch-threads", "1"]
+    proc = subprocess.Popen(cmd, preexec_fn=None if cpus is None
+                            else lambda: os.sched_setaffinity(0, cpus))
     end = time.monotonic() + 300
     while time.monotonic() < end and proc.poll() is None:
         try:
@@ -146,9 +153,14 @@ def main() -> None:
     parser.add_argument("--nice-clients", type=int, default=0, metavar="N",
                         help="run the load generators (this process, guidellm) at this "
                              "niceness, the server at its own")
+    parser.add_argument("--split-cpus", action="store_true",
+                        help="the server on CPU 0, the load generators on the other CPUs")
     args = parser.parse_args()
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    proc = start_server(grpc_port, http_port, metrics_port)
+    server_cpus = {min(os.sched_getaffinity(0))} if args.split_cpus else None
+    proc = start_server(grpc_port, http_port, metrics_port, server_cpus)
+    if server_cpus is not None:  # guidellm, started later, inherits this
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - server_cpus)
     if args.nice_clients:
         os.nice(args.nice_clients)  # after the server started: it keeps the default
     grpc_address = f"127.0.0.1:{grpc_port}"
@@ -228,6 +240,8 @@ def main() -> None:
                    "output_len": args.output_len, "rounds": args.rounds,
                    "requests_per_stream": args.requests_per_stream, "dtype": "float32",
                    "nice_clients": args.nice_clients,
+                   "server_cpus": sorted(server_cpus) if server_cpus else "all",
+                   "client_cpus": sorted(os.sched_getaffinity(0)),
                    "guidellm_workload": GUIDELLM},
     }
     if args.json:

@@ -1,17 +1,21 @@
 """Soak: a server held at twice its capacity for a while, by clients that misbehave.
 
     python bench/soak.py [--duration 600] [--model DIR] [--json PATH]
+        [--shared-prefix-len 48] [--num-prefixes 8]
 
 Starts `ecserve serve` (engine core in its own process) on loopback, measures its capacity
 (completed requests/s of a closed loop at 32 streams), then sends an open loop at twice that
-rate for --duration seconds. Each request is, at random: read to its end (55%), cancelled by
+rate for --duration seconds. Each prompt is one of --num-prefixes shared prefixes followed by
+--prompt-len random tokens, so the prefix cache (on by default) hits, fills and evicts
+throughout. Each request is, at random: read to its end (55%), cancelled by
 the client after a few tokens (15%), given a deadline it may miss (15%), or read slowly, 50 ms
 between messages (15%). In-flight requests are capped (--max-in-flight); past it an arrival is
 skipped and counted. At the end, with the load stopped and every call settled: the calls per
-gRPC status, the scraped KV blocks in use (must be 0) and requests running (0), the resident
+gRPC status, the scraped KV blocks in use (must be 0: prefix-cached blocks stay, evictable),
+requests running (0), prefix cache hits (must be some) and preemptions, the resident
 memory of both server processes against a sample taken after the first tenth of the run, then
 SIGTERM and the server's exit code (0). Exits 1 when any check fails: an INTERNAL or UNKNOWN
-status, KV blocks left in use, or a non-zero exit.
+status, KV blocks left in use, no prefix cache hit, or a non-zero exit.
 """
 
 from __future__ import annotations
@@ -67,28 +71,34 @@ def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     names = ("ecserve_kv_cache_blocks_used", "ecserve_kv_cache_capacity_blocks",
-             "ecserve_requests_running", "ecserve_requests_waiting",
+             "ecserve_kv_cache_blocks_cached", "ecserve_kv_cache_blocks_evictable",
+             "ecserve_prefix_cache_queries_total", "ecserve_prefix_cache_hits_total",
+             "ecserve_preemptions_total", "ecserve_requests_running", "ecserve_requests_waiting",
              "process_resident_memory_bytes", "ecserve_engine_core_process_resident_memory_bytes")
     out = {}
-    for name in names:
-        m = re.search(rf"^{name} (\S+)$", text, re.M)
-        if m:
-            out[name] = float(m.group(1))
+    for name in names:  # summed over any labels
+        values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        if values:
+            out[name] = sum(float(v) for v in values)
     return out
 
 
 class Load:
-    def __init__(self, address: str, prompt_len: int, output_len: int, seed: int) -> None:
+    def __init__(self, address: str, prompt_len: int, output_len: int, seed: int,
+                 prefixes: int, prefix_len: int) -> None:
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
         self.rng = random.Random(seed)
         self.prompt_len, self.output_len = prompt_len, output_len
+        self.prefixes = [[self.rng.randrange(1, 250) for _ in range(prefix_len)]
+                         for _ in range(prefixes)] or [[]]
         self.statuses: Counter[str] = Counter()
         self.kinds: Counter[str] = Counter()
         self.live: set[asyncio.Task[None]] = set()
 
     def request(self):
-        prompt = [self.rng.randrange(1, 250) for _ in range(self.prompt_len)]
+        prompt = [*self.rng.choice(self.prefixes),
+                  *(self.rng.randrange(1, 250) for _ in range(self.prompt_len))]
         return build_request(prompt, max_new_tokens=self.output_len, ignore_eos=True)
 
     async def one(self, kind: str) -> None:
@@ -152,7 +162,8 @@ class Load:
 
 
 async def run(args: argparse.Namespace, port: int, metrics_port: int) -> dict[str, object]:
-    load = Load(f"127.0.0.1:{port}", args.prompt_len, args.output_len, args.seed)
+    load = Load(f"127.0.0.1:{port}", args.prompt_len, args.output_len, args.seed,
+                args.num_prefixes, args.shared_prefix_len)
     capacity = args.rate / 2 if args.rate else await load.capacity(5.0, 32)
     rate = args.rate or 2 * capacity
     print(f"capacity {capacity:.1f} req/s; sending {rate:.1f} req/s for {args.duration:.0f} s",
@@ -185,7 +196,10 @@ def main() -> int:
     parser.add_argument("--model", help="model directory (default: the shipped model)")
     parser.add_argument("--rate", type=float, help="requests/s (default: twice the measured "
                                                    "capacity)")
-    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=16,
+                        help="random tokens after the shared prefix")
+    parser.add_argument("--shared-prefix-len", type=int, default=48)
+    parser.add_argument("--num-prefixes", type=int, default=8, help="0: no shared prefix")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--max-in-flight", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -215,6 +229,8 @@ def main() -> int:
         "every KV block free or evictable": end.get("ecserve_kv_cache_blocks_used") == 0.0,
         "no request running or waiting": end.get("ecserve_requests_running") == 0.0
         and end.get("ecserve_requests_waiting") == 0.0,
+        **({"prefix cache hits": end.get("ecserve_prefix_cache_hits_total", 0) > 0}
+           if args.num_prefixes and args.shared_prefix_len else {}),
         "SIGTERM exit 0": code == 0,
     }
     report = {**stamp(__file__, packages=("grpcio",)), **report, "rss": rss,

@@ -503,13 +503,27 @@ def soak_blocks(res: Result, section: list[Result]) -> list[str]:
     memory = [[SOAK_PROCESSES.get(name, name), mib(v["at_a_tenth"]), mib(v["at_end"]),
                f"{v['at_end'] / v['at_a_tenth'] - 1:+.1%}"
                if v["at_a_tenth"] and v["at_end"] else ""] for name, v in d["rss"].items()]
+    prefix, n = cfg.get("shared_prefix_len", 0), cfg.get("num_prefixes", 0)
+    prompt = (f"one of {n} shared {prefix}-token prefixes + {cfg.get('prompt_len')} random"
+              if prefix and n else f"{cfg.get('prompt_len')}")
     summary = (
-        f"Capacity {d['capacity_req_s']:.1f} req/s ({cfg.get('prompt_len')} prompt + "
+        f"Capacity {d['capacity_req_s']:.1f} req/s ({prompt} prompt + "
         f"{cfg.get('output_len')} new tokens); {d['rate_req_s']:.1f} req/s sent for "
         f"{cfg.get('duration', 0):.0f} s, {num(sum(d['statuses'].values()))} calls; "
         f"{num(d['skipped_at_max_in_flight'])} arrivals skipped at the in-flight cap "
         f"({cfg.get('max_in_flight')}); every call settled {d['settle_seconds']:.1f} s after "
         f"the load stopped; the server's exit code after SIGTERM: {d['server_exit_code']}.")
+    end = d["metrics_at_end"]
+    if "ecserve_prefix_cache_queries_total" in end:
+        hits, queries = end["ecserve_prefix_cache_hits_total"], end[
+            "ecserve_prefix_cache_queries_total"]
+        summary += (
+            f" Prefix cache: {num(hits)} of {num(queries)} prompt tokens looked up were hits "
+            f"({hits / queries:.1%}); at the end {num(end['ecserve_kv_cache_blocks_used'])} "
+            f"KV blocks in use, {num(end['ecserve_kv_cache_blocks_cached'])} cached (all "
+            f"evictable: {num(end['ecserve_kv_cache_blocks_evictable'])}) of "
+            f"{num(end['ecserve_kv_cache_capacity_blocks'])}; "
+            f"{num(end['ecserve_preemptions_total'])} preemptions.")
     return [caption(res, section) + para(summary),
             table(["client behaviour", "calls sent"],
                   [[SOAK_KINDS.get(k, k), num(v)] for k, v in d["sent"].items()]),
@@ -525,7 +539,8 @@ def soak(results: list[Result]) -> list[Section]:
         "twice that rate (open loop) with clients that misbehave: 55% read to the end, 15% "
         "cancel after a few tokens, 15% carry a deadline of 0.05-2 s, 15% read slowly (50 ms "
         "between messages), at most `max_in_flight` calls in flight. After the load: the calls "
-        "per status, the scraped KV blocks in use and requests running (both must be 0), both "
+        "per status, the scraped KV blocks in use and requests running (both must be 0; "
+        "prefix-cached blocks stay, evictable) and the prefix cache's hits, both "
         "processes' resident memory against a sample a tenth into the run, and SIGTERM.")
     return [Section("Soak (`soak.py`)", what, results,
                     [b for r in results for b in soak_blocks(r, results)])]
