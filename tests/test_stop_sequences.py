@@ -107,3 +107,28 @@ def test_text_is_complete_when_no_stop_matches(llm):
     plain = llm.generate("hello world", SamplingParams(**SAMPLED))[0]
     never = llm.generate("hello world", SamplingParams(**SAMPLED, stop_sequences=("\x00x",)))[0]
     assert never.text == plain.text and never.finish_reason is FinishReason.LENGTH
+
+
+def test_stepping_llm_gives_text_and_stops_the_engine_alone_does_not(llm):
+    """LLM.add_request/step run the text stage over the engine, as a server's front end does;
+    the engine itself steps token ids only and never ends a request on a stop sequence."""
+    from ecserve.types import Request
+
+    free = llm.generate("hello world", SamplingParams(**SAMPLED))[0]
+    stop = free.text[7:10]
+    params = SamplingParams(**SAMPLED, stop_sequences=(stop,))
+    ids = tuple(llm.engine.encode("hello world"))
+    llm.add_request(Request("stepped", ids, params))
+    events = []
+    while llm.engine.has_unfinished():
+        events += llm.step()
+    assert events[-1].finish_reason is FinishReason.STOP_SEQUENCE and events[-1].detail == stop
+    assert "".join(e.text for e in events) == free.text[:free.text.index(stop)]
+    assert llm.text._streams == {}  # nothing left behind
+
+    llm.engine.add_request(Request("raw", ids, params))
+    raw = []
+    while llm.engine.has_unfinished():
+        raw += llm.engine.step()
+    assert [e.token_id for e in raw] == free.token_ids  # past the stop: it is not the engine's
+    assert all(e.text == "" for e in raw) and raw[-1].finish_reason is FinishReason.LENGTH
