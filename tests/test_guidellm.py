@@ -41,7 +41,7 @@ def test_guidellm_runs_against_the_http_api_with_no_failure(tmp_path):
              "--tokenizer", f"kind=huggingface_auto,model={default_model_dir()}",
              "--output", f"kind=json,path={out}", "--disable-console"],
             env=env, capture_output=True, text=True, timeout=300)
-        served = s.server.metrics.finished.labels("length")._value.get()
+        served = s.server.metrics.finished.labels("http", "length")._value.get()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     bench = json.loads(out.read_text())["benchmarks"][0]
     totals = bench["metrics"]["request_totals"]
