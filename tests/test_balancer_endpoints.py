@@ -67,28 +67,19 @@ def test_healthz_and_readyz_from_bind_to_drain(model_dir):
         s.__exit__(None, None, None)
 
 
-def slow(engine: Engine, seconds: float) -> None:
-    real = engine.runner.execute
-
-    def execute(plan, *args):
-        time.sleep(seconds)
-        return real(plan, *args)
-
-    engine.runner.execute = execute
-
-
 def test_max_connection_age_sends_goaway_and_its_grace_bounds_old_calls(model_dir):
     engine = Engine(model_dir, EngineConfig(device="cpu"))
-    slow(engine, 0.02)  # 100 tokens: 2 s, past the connection's age of 0.5 s
-    with (ServerThread(engine, max_connection_age=0.5, max_connection_age_grace=0.5) as s,
-          s.client(timeout=30) as c):
+    s = ServerThread(engine, max_connection_age=0.5, max_connection_age_grace=0.5)
+    s.steps.delay = 0.02  # 100 tokens: 2 s, past the connection's age of 0.5 s
+    with s, s.client(timeout=30) as c:
         with pytest.raises(grpc.RpcError) as cut:
             list(c.stream("long", max_new_tokens=100, ignore_eos=True))
         assert cut.value.code() is grpc.StatusCode.UNAVAILABLE
         # The channel reconnects by itself: later calls work.
         assert c.generate("again", max_new_tokens=2).generated_token_count == 2
     # A grace longer than the call: it completes on its old connection.
-    with (ServerThread(engine, max_connection_age=0.5, max_connection_age_grace=30) as s,
-          s.client(timeout=30) as c):
+    s = ServerThread(engine, max_connection_age=0.5, max_connection_age_grace=30)
+    s.steps.delay = 0.02
+    with s, s.client(timeout=30) as c:
         out = list(c.stream("long", max_new_tokens=100, ignore_eos=True))
         assert out[-1].generated_token_count == 100

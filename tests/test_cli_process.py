@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serving import ServerThread
+from serving import ServerThread, serve_args
 
 from ecserve.config import EngineConfig
 from ecserve.engine.engine import Engine
@@ -125,8 +125,8 @@ def test_ctrl_c_while_serve_loads_prints_no_traceback(model):
     """The engine-core process was spawned into the terminal's process group and died of the
     same Ctrl-C with a traceback while Python started; the server itself drains and exits."""
     for delay in (0.1, 0.8, 1.5):  # the core process's start-up takes a second or two
-        proc = start("serve", "--model", str(model), "--port", "0", "--metrics-port", "0",
-                     "--http-port", "0")
+        proc = start(*serve_args("--model", str(model), "--port", "0", "--metrics-port", "0",
+                                 "--http-port", "0"))
         assert proc.stderr is not None
         for line in proc.stderr:  # the core process is being started now
             if b"while the model loads" in line:
@@ -143,8 +143,8 @@ def test_a_port_in_use_is_one_line(model):
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        res = ecserve("serve", "--model", str(model), "--port", str(port), "--no-metrics",
-                      "--no-http")
+        res = ecserve(*serve_args("--model", str(model), "--port", str(port), "--no-metrics",
+                                  "--no-http"))
     assert res.returncode == 2
     err = res.stderr.decode()
     assert err.count("\n") == 1 and err.startswith(f"ecserve: error: cannot listen on "

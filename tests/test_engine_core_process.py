@@ -80,7 +80,7 @@ def split_logprobs(m: pb.GenerateResponse) -> tuple[pb.GenerateResponse, list[fl
 
 def test_core_process_answers_as_the_engine_on_a_thread(make_model):
     model = make_model()
-    with ServerThread(Engine(model, EngineConfig(device="cpu"))) as s:
+    with ServerThread(ThreadTransport(Engine(model, EngineConfig(device="cpu")))) as s:
         with Client(s.address) as c:
             text = c.generate("the same", max_new_tokens=24, ignore_eos=True).text
         stop = text[len(text) // 2:len(text) // 2 + 2]
@@ -171,8 +171,8 @@ def start_server(make_model, tmp_path: Path, *args: str, environ: dict[str, str]
     log_path = tmp_path / "serve.log"
     # 12 layers: a 240-token stream lasts long enough to kill something under it.
     proc = serve_process(log_path, "--model", str(make_model(num_layers=12)), "--port",
-                         str(port), "--metrics-port", "0", "--device", "cpu", *args,
-                         environ=environ)
+                         str(port), "--metrics-port", "0", "--device", "cpu",
+                         "--engine-core", "process", *args, environ=environ)
     address = f"127.0.0.1:{port}"
     wait_for(lambda: health(address) == "SERVING" or proc.poll() is not None, 60, "SERVING")
     assert proc.poll() is None, log_path.read_text()

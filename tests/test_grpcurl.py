@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from serving import serve_args
 
 from ecserve.parallel.group import free_port
 
@@ -21,8 +22,8 @@ HEALTH = "grpc.health.v1.Health/Check"
 @pytest.fixture(scope="module")
 def address():
     port = free_port()
-    proc = subprocess.Popen([BIN / "ecserve", "serve", "--port", str(port), "--metrics-port", "0",
-                             "--http-port", "0"],
+    proc = subprocess.Popen([BIN / "ecserve", *serve_args("--port", str(port), "--metrics-port",
+                                                          "0", "--http-port", "0")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     addr = f"127.0.0.1:{port}"
     try:

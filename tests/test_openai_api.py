@@ -11,7 +11,7 @@ import time
 
 import openai
 import pytest
-from serving import ServerThread
+from serving import ServerThread, idle, serve_args
 
 from ecserve.client import Client
 from ecserve.config import EngineConfig
@@ -44,22 +44,17 @@ def placed(request):
 
     from ecserve.engine.core import CoreSpec, load_engine
     from ecserve.server.core_process import ProcessTransport
+    from ecserve.server.core_transport import ThreadTransport
 
+    # Transports, not an Engine: this placement whatever ECSERVE_TEST_ENGINE_CORE says.
     if request.param == "thread":  # an engine of its own: one core loop steps an engine
-        with ServerThread(Engine(None, EngineConfig(device="cpu"))) as s:
+        with ServerThread(ThreadTransport(Engine(None, EngineConfig(device="cpu")))) as s:
             yield s
         return
     transport = ProcessTransport(functools.partial(load_engine, None, EngineConfig(
         device="cpu")), CoreSpec(torch_threads=1), None)
     with ServerThread(transport) as s:
         yield s
-
-
-def drained(s: ServerThread) -> bool:
-    """Nothing live and no KV block held, as the front end and the metrics see it (either
-    placement)."""
-    return (s.server.engine.num_live == 0
-            and s.server.metrics.kv_used._value.get() == 0)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +77,6 @@ def error_of(body: bytes) -> dict:
     err = json.loads(body)["error"]
     assert set(err) == {"message", "type", "param", "code"}
     return err
-
-
-def idle(server: ServerThread) -> bool:
-    engine = server.server.engine
-    return engine.num_live == 0 and not server.engine.has_unfinished()
 
 
 def aborted(server: ServerThread) -> float:
@@ -285,8 +275,6 @@ def test_an_early_closed_stream_frees_its_request(server, api):
     stream.close()
     server.wait_until(lambda: idle(server), timeout=10)
     assert aborted(server) == before + 1  # cancelled, not run to its end
-    blocks = server.engine.blocks
-    assert blocks.num_free == blocks.num_blocks
 
 
 def test_a_client_that_leaves_a_whole_response_cancels_it(server, caplog):
@@ -431,13 +419,13 @@ def test_both_placements_answer_alike_and_free_what_clients_leave(placed):
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()
-    placed.wait_until(lambda: drained(placed) and aborted(placed) == before + 1, timeout=10)
+    placed.wait_until(lambda: idle(placed) and aborted(placed) == before + 1, timeout=10)
     leaving = openai.OpenAI(base_url=placed.http_url + "/v1", api_key="x", max_retries=0,
                             timeout=0.3)
     with pytest.raises(openai.APITimeoutError):
         leaving.completions.create(model="default", prompt=PROMPT, max_tokens=480,
                                    temperature=0, extra_body={"ignore_eos": True})
-    placed.wait_until(lambda: drained(placed) and aborted(placed) == before + 2, timeout=10)
+    placed.wait_until(lambda: idle(placed) and aborted(placed) == before + 2, timeout=10)
 
 
 def test_per_request_series_carry_the_protocol(placed):
@@ -474,9 +462,9 @@ def test_a_chat_template_that_cannot_be_read_fails_the_start_in_one_line(tmp_pat
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "ecserve", "serve", "--chat-template",
-                          str(tmp_path / "missing.jinja"), "--port", "0", "--metrics-port", "0",
-                          "--http-port", "0"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "ecserve", *serve_args(
+        "--chat-template", str(tmp_path / "missing.jinja"), "--port", "0", "--metrics-port", "0",
+        "--http-port", "0")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "missing.jinja" in res.stderr
     assert "shipped templates: plain" in res.stderr and "model loads" not in res.stderr

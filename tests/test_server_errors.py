@@ -5,14 +5,13 @@ RESOURCE_EXHAUSTED and says so."""
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 from conftest import tiny_config
-from serving import ServerThread
+from serving import ServerThread, idle
 
 from ecserve.client import build_request
 from ecserve.config import EngineConfig, ModelConfig, ServerConfig
@@ -294,19 +293,13 @@ def test_the_size_limit_is_max_request_bytes_exactly(stub):
     assert f"max_request_bytes={MAX_REQUEST_BYTES}" in err.details(), err.details()
 
 
-def idle(s: ServerThread) -> bool:
-    e = s.engine
-    return (e.blocks.num_free == e.blocks.num_blocks and not s.server.engine.num_live
-            and not e.has_unfinished() and not e.seqs)
-
-
 def test_still_serves_after_every_refusal_and_nothing_leaked(server, stub, channel):
     for _, msg, _ in CASES:
         refusal(lambda m=msg: stub.Generate(m, timeout=30))
         refusal(lambda m=msg: list(stub.GenerateStream(m, timeout=30)))
     for _, raw, _ in RAW_CASES:
         refusal(lambda r=raw: call(channel, r, False))
-    assert not server.engine.seqs and not server.engine.batcher.waiting
+    assert idle(server)
     out = stub.Generate(req("still here", max_new_tokens=8, ignore_eos=True), timeout=30)
     assert out.stop_reason == pb.STOP_REASON_MAX_TOKENS and out.generated_token_count == 8
     msgs = list(stub.GenerateStream(req("and streaming", max_new_tokens=5, ignore_eos=True),
@@ -319,41 +312,24 @@ def test_still_serves_after_every_refusal_and_nothing_leaked(server, stub, chann
 # ---------------------------------------------------------------- a full queue
 
 
-class StepGate:
-    """Holds every engine step until released, so a test can keep requests running and waiting
-    for as long as it looks at them (deterministic, unlike a slow step)."""
-
-    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._open = threading.Event()
-        real = engine.runner.execute
-
-        def execute(plan, *args):
-            if not self._open.wait(timeout=30):
-                raise TimeoutError("the test never opened the step gate")
-            return real(plan, *args)
-
-        monkeypatch.setattr(engine.runner, "execute", execute)
-
-    def open(self) -> None:
-        self._open.set()
-
-
 @pytest.fixture
-def small_queue(model_dir, monkeypatch, request):
-    """A server running one request at a time with a short waiting queue, steps held."""
+def small_queue(model_dir, request) -> Iterator[ServerThread]:
+    """A server running one request at a time with a short waiting queue, steps held (every
+    step waits until the test opens the gate, so it can keep requests running and waiting for
+    as long as it looks at them: deterministic, unlike a slow step)."""
     engine = Engine(model_dir, EngineConfig(device="cpu", max_num_seqs=1, **request.param))
     with ServerThread(engine) as s:
-        gate = StepGate(engine, monkeypatch)  # after the warm-up
+        s.steps.hold()  # after the warm-up
         try:
-            yield s, gate
+            yield s
         finally:
-            gate.open()
+            s.steps.open()
 
 
 def start_running(s: ServerThread, stub, prompt) -> grpc.Future:
     """A long stream, admitted: its first step is in progress (held by the gate)."""
     stream = stub.GenerateStream(req(prompt, **LONG), timeout=60)
-    s.wait_until(lambda: len(s.engine.batcher.running) == 1, timeout=10)
+    s.wait_until(lambda: s.steps.held == 1, timeout=10)
     return stream
 
 
@@ -365,7 +341,7 @@ def queued(s: ServerThread, stub, prompt, live: int) -> grpc.Future:
 
 @pytest.mark.parametrize("small_queue", [{"max_waiting": 1}], indirect=True)
 def test_full_queue_is_resource_exhausted(small_queue):
-    s, gate = small_queue
+    s = small_queue
     with s.client() as c:
         stub = pb_grpc.GenerationServiceStub(c.channel)
         first = start_running(s, stub, "first")
@@ -379,7 +355,7 @@ def test_full_queue_is_resource_exhausted(small_queue):
             assert s.server.engine.num_live == 2  # the refused calls left nothing behind
             # The queued request is still served once the running one is gone.
             first.cancel()
-            gate.open()
+            s.steps.open()
             msg = next(second)
             assert msg.generated_token_count >= 1
         finally:
@@ -394,7 +370,7 @@ def test_full_queue_is_resource_exhausted(small_queue):
 @pytest.mark.parametrize("small_queue", [{"max_waiting": 8, "max_waiting_tokens": 64}],
                          indirect=True)
 def test_full_token_queue_is_resource_exhausted(small_queue):
-    s, gate = small_queue
+    s = small_queue
     with s.client() as c:
         stub = pb_grpc.GenerationServiceStub(c.channel)
         # A prompt that never fits the queue is the request's fault, not the server's load.
@@ -413,7 +389,7 @@ def test_full_token_queue_is_resource_exhausted(small_queue):
         finally:
             for stream in streams:
                 stream.cancel()
-            gate.open()
+            s.steps.open()
         s.wait_until(lambda: idle(s), timeout=10)
         out = stub.Generate(req([1] * 64, max_new_tokens=2, ignore_eos=True), timeout=30)
         assert out.generated_token_count == 2
@@ -425,13 +401,7 @@ def test_a_cancelled_or_expired_request_leaves_its_line_in_the_log(server, stub,
     """One line per finished request, also when the client ended it. Steps are slowed to
     20 ms, so the cancelled request is still running when its cancel arrives (on a loaded
     machine 200 fast steps could finish first, and the line would rightly say `length`)."""
-    real = server.engine.runner.execute
-
-    def slow(plan, *args):
-        time.sleep(0.02)
-        return real(plan, *args)
-
-    monkeypatch.setattr(server.engine.runner, "execute", slow)
+    monkeypatch.setattr(server.steps, "delay", 0.02)
 
     def ended() -> list[str]:
         return [r.getMessage() for r in caplog.records

@@ -16,7 +16,15 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving import BackgroundStream, ServerThread, health, serve_process, wait_for
+from serving import (
+    BackgroundStream,
+    ServerThread,
+    health,
+    idle,
+    serve_args,
+    serve_process,
+    wait_for,
+)
 
 from ecserve.client import Client, build_request
 from ecserve.config import EngineConfig
@@ -49,44 +57,6 @@ def assert_refused_every_call(stub: pb_grpc.GenerationServiceStub, words: str) -
         err = refused(fn)
         assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
         assert words in err.details(), err.details()
-
-
-def all_free(engine: Engine) -> bool:
-    return engine.blocks.num_free == engine.blocks.num_blocks and not engine.seqs
-
-
-class StepGate:
-    """Engine steps run only when allowed: `allow(n)` lets n more through, `open()` all."""
-
-    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._permits = threading.Semaphore(0)
-        self._open = threading.Event()
-        real = engine.runner.execute
-
-        def execute(plan, *args):
-            end = time.monotonic() + 30
-            while not self._open.is_set() and not self._permits.acquire(timeout=0.01):
-                if time.monotonic() > end:
-                    raise TimeoutError("the test never let this step run")
-            return real(plan, *args)
-
-        monkeypatch.setattr(engine.runner, "execute", execute)
-
-    def allow(self, n: int = 1) -> None:
-        self._permits.release(n)
-
-    def open(self) -> None:
-        self._open.set()
-
-
-def slow_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    real = engine.runner.execute
-
-    def execute(plan, *args):
-        time.sleep(seconds)
-        return real(plan, *args)
-
-    monkeypatch.setattr(engine.runner, "execute", execute)
 
 
 @pytest.fixture
@@ -156,13 +126,13 @@ def server(model_dir) -> Iterator[ServerThread]:
         yield s
 
 
-def test_drain_refuses_new_calls_and_lets_live_streams_finish(server, monkeypatch):
+def test_drain_refuses_new_calls_and_lets_live_streams_finish(server):
     s = server
-    gate = StepGate(s.engine, monkeypatch)
+    s.steps.hold()  # each step waits for allow() or open()
     with s.client(timeout=30) as c:
         stub = pb_grpc.GenerationServiceStub(c.channel)
         try:
-            gate.allow(1)  # the prefill step, which samples the first token
+            s.steps.allow(1)  # the prefill step, which samples the first token
             stream = stub.GenerateStream(
                 build_request("drain me", max_new_tokens=20, ignore_eos=True, token_ids=True),
                 timeout=30)
@@ -178,24 +148,24 @@ def test_drain_refuses_new_calls_and_lets_live_streams_finish(server, monkeypatc
             # the live stream is still there, waiting for its next step
             assert s.server.engine.num_live == 1 and not drained.done()
 
-            gate.open()
+            s.steps.open()
             messages += list(stream)
             drained.result(timeout=grace)
         finally:
-            gate.open()
+            s.steps.open()
     assert time.monotonic() - t0 < grace
     last = messages[-1]
     assert last.stop_reason == pb.STOP_REASON_MAX_TOKENS
     assert last.generated_token_count == 20
     assert sum(len(m.tokens) for m in messages) == 20
     assert all(m.stop_reason == pb.STOP_REASON_NOT_FINISHED for m in messages[:-1])
-    assert all_free(s.engine)
+    assert idle(s)
     assert health(s.address) == "UNAVAILABLE"  # stopped: nothing listens any more
 
 
 def test_drain_past_the_grace_period_cancels_with_a_final_message(server, monkeypatch):
     s = server
-    slow_steps(s.engine, monkeypatch, 0.02)  # 200 tokens take >= 4 s
+    monkeypatch.setattr(s.steps, "delay", 0.02)  # 200 tokens take >= 4 s
     with s.client(timeout=30) as c:
         stream = c.stream("never finishes in time", max_new_tokens=200, ignore_eos=True,
                           token_ids=True)
@@ -212,8 +182,7 @@ def test_drain_past_the_grace_period_cancels_with_a_final_message(server, monkey
     assert sum(len(m.tokens) for m in messages) == last.generated_token_count
     assert all(m.stop_reason == pb.STOP_REASON_NOT_FINISHED for m in messages[:-1])
     assert grace <= took < grace + 3
-    assert all_free(s.engine)
-    assert not s.engine.has_unfinished()
+    assert idle(s)
 
 
 # ---------------------------------------------------------------- the real process
@@ -315,8 +284,8 @@ def test_health_cli_with_nothing_listening():
 
 def _serve_process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "ecserve", "serve", "--no-warmup",
-                           "--http-port", "0", *args],
+    return subprocess.run([sys.executable, "-m", "ecserve",
+                           *serve_args("--no-warmup", "--http-port", "0", *args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

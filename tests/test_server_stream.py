@@ -3,15 +3,14 @@ streams run together, cancellation and deadlines free KV blocks, failures stay c
 
 from __future__ import annotations
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from serving import ServerThread
+from conftest import tiny_config
+from serving import ServerThread, gauge, idle
 
-from ecserve.config import EngineConfig
+from ecserve.config import EngineConfig, ModelConfig
 from ecserve.engine.engine import Engine
 from ecserve.engine.llm import LLM
 from ecserve.types import SamplingParams
@@ -32,19 +31,9 @@ def server(model_dir):
         yield s
 
 
-def slow_steps(engine: Engine, monkeypatch, seconds: float = 0.005) -> None:
+def slow_steps(s: ServerThread, monkeypatch) -> None:
     """Make every step take a while, so a long generation outlasts a short deadline."""
-    real = engine.runner.execute
-
-    def execute(plan, *args):
-        time.sleep(seconds)
-        return real(plan, *args)
-
-    monkeypatch.setattr(engine.runner, "execute", execute)
-
-
-def all_free(s: ServerThread) -> bool:
-    return s.engine.blocks.num_free == s.engine.blocks.num_blocks and not s.server.engine.num_live
+    monkeypatch.setattr(s.steps, "delay", 0.005)
 
 
 def test_stream_matches_offline_generation_in_sequence_scope(server, model_dir):
@@ -93,50 +82,49 @@ def test_sixteen_concurrent_streams_all_finish(server):
     for i, msgs in enumerate(results):
         assert msgs[-1].stop_reason == pb.STOP_REASON_MAX_TOKENS
         assert msgs[-1].generated_token_count == 20 + i
-    server.wait_until(lambda: all_free(server))
+    server.wait_until(lambda: idle(server))
 
 
 def test_cancelling_a_stream_frees_its_kv_blocks(server, monkeypatch):
-    slow_steps(server.engine, monkeypatch)
+    slow_steps(server, monkeypatch)
     c = server.client()
     call = c._stub.GenerateStream(pb.GenerateRequest(
         prompt="cancel me", stopping=pb.StoppingCriteria(max_new_tokens=200, ignore_eos=True)))
     it = iter(call)
     next(it)
     next(it)
-    assert server.engine.blocks.num_free < server.engine.blocks.num_blocks
+    server.wait_until(lambda: gauge(server, "ecserve_kv_cache_blocks_used") > 0, timeout=10)
     call.cancel()
     with pytest.raises(grpc.RpcError) as err:
         list(it)
     assert err.value.code() == grpc.StatusCode.CANCELLED
-    server.wait_until(lambda: all_free(server), timeout=10)
-    assert not server.engine.has_unfinished()
+    server.wait_until(lambda: idle(server), timeout=10)
     c.close()
 
 
 def test_leaving_the_client_loop_early_cancels(server, monkeypatch):
-    slow_steps(server.engine, monkeypatch)
+    slow_steps(server, monkeypatch)
     with server.client() as c:
         for i, _ in enumerate(c.stream("stop early", **LONG)):
             if i == 2:
                 break
-    server.wait_until(lambda: all_free(server), timeout=10)
+    server.wait_until(lambda: idle(server), timeout=10)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_deadline_ends_the_call_and_frees_blocks(server, monkeypatch, streaming):
-    slow_steps(server.engine, monkeypatch)
+    slow_steps(server, monkeypatch)
     with server.client() as c, pytest.raises(grpc.RpcError) as err:
         if streaming:
             list(c.stream("deadline", timeout=0.3, **LONG))
         else:
             c.generate("deadline", timeout=0.3, **LONG)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    server.wait_until(lambda: all_free(server), timeout=10)
+    server.wait_until(lambda: idle(server), timeout=10)
 
 
 def test_time_limit_is_a_stop_reason(server, monkeypatch):
-    slow_steps(server.engine, monkeypatch)
+    slow_steps(server, monkeypatch)
     with server.client() as c:
         r = c.generate("time limit", time_limit_ms=200, **LONG)
     assert r.stop_reason == pb.STOP_REASON_TIME_LIMIT
@@ -159,23 +147,12 @@ def test_stop_sequence_and_logprobs_in_the_response(server):
         assert t.top_logprobs[0].logprob >= t.logprob
 
 
-def test_a_failing_step_fails_its_requests_and_the_server_goes_on(server, monkeypatch):
-    engine = server.engine
-    real = engine.runner.execute
-    fail = threading.Event()
-
-    def execute(plan, *args):
-        if fail.is_set():
-            fail.clear()
-            raise RuntimeError("simulated device error")
-        return real(plan, *args)
-
-    monkeypatch.setattr(engine.runner, "execute", execute)
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(server):
     with server.client() as c:
         call = c.stream("doomed", **LONG)
         first = next(call)
         assert first.stop_reason == pb.STOP_REASON_NOT_FINISHED
-        fail.set()
+        server.steps.fail_next()
         rest = []
         with pytest.raises(grpc.RpcError) as err:
             for message in call:
@@ -186,17 +163,17 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(server, monkey
         assert "simulated device error" in err.value.details()
         after = c.generate("still here", max_new_tokens=5)
     assert after.stop_reason == pb.STOP_REASON_MAX_TOKENS
-    server.wait_until(lambda: all_free(server))
+    server.wait_until(lambda: idle(server))
 
 
 def test_tokenize_and_model_info(server):
+    mc = ModelConfig.from_dict(tiny_config())  # what make_model() wrote; a byte tokenizer
     with server.client() as c:
-        assert c.tokenize("hi") == server.engine.encode("hi")
+        assert c.tokenize("hi") == [mc.bos_token_id, *b"hi"]
         full = c._stub.Tokenize(pb.TokenizeRequest(text="hi", return_tokens=True))
         info = c.model_info()
     assert list(full.tokens)[1:] == ["h", "i"] and full.token_count == 3
-    mc = server.engine.model_cfg
     assert (info.vocab_size, info.num_experts, info.routing_policy, info.group_size) == (
         mc.vocab_size, mc.num_experts, mc.routing.policy, mc.routing.group_size)
-    assert info.max_model_len == server.engine.max_model_len and info.device == "cpu"
+    assert info.max_model_len == mc.max_position_embeddings and info.device == "cpu"
     assert info.eos_token_id == mc.eos_token_id and info.max_top_logprobs == 20

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serving import ServerThread
+from serving import ServerThread, serve_args
 
 from ecserve.client import Client
 from ecserve.config import ConfigError, EngineConfig, ServerConfig
@@ -186,6 +186,7 @@ def test_bad_security_settings_are_refused_naming_them(pki, tmp_path):
         ClientSecurity(cert_file=str(pki["client_cert"]))
     empty = tmp_path / "empty"
     empty.write_text("# nothing\n\n")
-    out = subprocess.run([sys.executable, "-m", "ecserve", "serve", "--api-key-file",
-                          str(empty), "--port", "0"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "ecserve",
+                          *serve_args("--api-key-file", str(empty), "--port", "0")],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no key in it" in out.stderr, out.stderr
