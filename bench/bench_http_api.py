@@ -12,7 +12,8 @@ bench --protocol http` on one workload.
 2. With --guidellm (needs guidellm installed): guidellm 0.8's `run` (openai_http backend,
    /v1/completions, concurrency 4, 32 requests, synthetic 64-token prompts, 32 output tokens,
    the model's own tokenizer directory, offline) and `ecserve bench --protocol http` on the same
-   workload, alternating; their output tok/s should agree within 10%.
+   workload (sampled at temperature 1, as guidellm's requests are), alternating, after one
+   untimed run of each; their output tok/s should agree within 10%.
 The load generators share the machine with the server, as co-located clients would; with
 --split-cpus the server (both its processes, one torch thread) runs on CPU 0 and the load
 generators (this process, guidellm's) on the others, as clients on machines of their own:
@@ -43,6 +44,9 @@ from ecserve.parallel.group import free_port
 
 PROMPT_LEN = 16
 GUIDELLM = {"concurrency": 4, "requests": 32, "prompt_tokens": 64, "output_tokens": 32}
+# guidellm sends no temperature, so the server samples at OpenAI's default, 1: `ecserve bench`
+# samples at it too, for the same work (greedy steps skip the sampler's per-request draws).
+GUIDELLM_TEMPERATURE = 1.0
 
 
 def start_server(grpc_port: int, http_port: int, metrics_port: int,
@@ -67,11 +71,11 @@ def start_server(grpc_port: int, http_port: int, metrics_port: int,
 
 
 def bench_level(protocol: str, address: str, streams: int, input_len: int, output_len: int,
-                requests: int) -> dict[str, float]:
+                requests: int, temperature: float = 0.0) -> dict[str, float]:
     cfg = LoadTestConfig(address=address, protocol=protocol,  # type: ignore[arg-type]
                          concurrency=streams, input_len=input_len, output_len=output_len,
                          num_requests=requests, warmup_requests=streams, seed=0,
-                         metrics_url="")
+                         metrics_url="", temperature=temperature)
     result = run_load_test(cfg, progress=False)
     if result.failed:
         raise SystemExit(f"{protocol} at {streams} streams: {result.errors}")
@@ -80,9 +84,8 @@ def bench_level(protocol: str, address: str, streams: int, input_len: int, outpu
             "median_itl_ms": m["median_itl_ms"], "completed": m["completed"]}
 
 
-def guidellm_run(http_port: int, out_dir: Path) -> dict[str, Any]:
-    """One guidellm run of the GUIDELLM workload; its throughput, TTFT and request counts."""
-    g = GUIDELLM
+def guidellm_run(http_port: int, out_dir: Path, g: dict[str, int]) -> dict[str, Any]:
+    """One guidellm run of workload `g`; its throughput, TTFT and request counts."""
     path = out_dir / f"guidellm-{time.monotonic_ns()}.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
@@ -109,18 +112,29 @@ def guidellm_run(http_port: int, out_dir: Path) -> dict[str, Any]:
             "output_tokens_each": sorted(set(outputs))}
 
 
-def server_e2e(metrics_port: int) -> tuple[float, float]:
-    """(sum, count) of the server's own arrival-to-finish request latency."""
+def server_view(metrics_port: int) -> dict[str, float]:
+    """The sums and counts of the server's own request latency (arrival to finish) and step
+    time, from its /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         lines = r.read().decode().splitlines()
-    values = {line.split()[0]: float(line.split()[1]) for line in lines
-              if line.startswith("ecserve_e2e_request_latency_seconds_")}
-
-    def total(part: str) -> float:  # over the protocols
-        prefix = f"ecserve_e2e_request_latency_seconds_{part}{{"
-        return sum(v for k, v in values.items() if k.startswith(prefix))
-
-    return total("sum"), total("count")
+    out = dict.fromkeys(("e2e_sum", "e2e_count", "step_sum", "step_count", "front_cpu",
+                         "core_cpu", "expert_tokens", "routed_tokens"), 0.0)
+    for line in lines:
+        name, _, value = line.partition(" ")
+        for key, series in (("expert_tokens", "ecserve_expert_tokens_total{"),
+                            ("routed_tokens", "ecserve_moe_routed_tokens_total{")):
+            if name.startswith(series):  # every MoE layer (and expert)
+                out[key] += float(value)
+        for key, series in (("front_cpu", "process_cpu_seconds_total"),
+                            ("core_cpu", "ecserve_engine_core_process_cpu_seconds_total")):
+            if name == series:
+                out[key] = float(value)
+        for key, series in (("e2e", "ecserve_e2e_request_latency_seconds_"),
+                            ("step", "ecserve_step_duration_seconds_")):
+            for part in ("sum", "count"):
+                if name.startswith(f"{series}{part}{{"):  # summed over the labels
+                    out[f"{key}_{part}"] += float(value.split()[0])
+    return out
 
 
 def with_server_view(run: Callable[[], dict[str, Any]], metrics_port: int, concurrency: int,
@@ -128,12 +142,17 @@ def with_server_view(run: Callable[[], dict[str, Any]], metrics_port: int, concu
     """`run`'s figures, and the throughput the server's own latencies imply for a closed
     loop of `concurrency` streams (streams x tokens / mean latency): a client that takes the
     server's CPU shows there, whatever it measures itself."""
-    s0, n0 = server_e2e(metrics_port)
+    before = server_view(metrics_port)
     row = run()
-    s1, n1 = server_e2e(metrics_port)
-    mean = (s1 - s0) / (n1 - n0)
+    d = {k: v - before[k] for k, v in server_view(metrics_port).items()}
+    mean = d["e2e_sum"] / d["e2e_count"]
     return {**row, "server_mean_e2e_ms": mean * 1e3,
-            "server_implied_tok_s": concurrency * output_tokens / mean}
+            "server_implied_tok_s": concurrency * output_tokens / mean,
+            "server_steps": d["step_count"],
+            "front_end_cpu_s": d["front_cpu"], "engine_core_cpu_s": d["core_cpu"],
+            # Threshold routing (the default model's): a token's experts depend on its text.
+            "experts_per_token": d["expert_tokens"] / d["routed_tokens"],
+            "server_mean_step_ms": d["step_sum"] / d["step_count"] * 1e3}
 
 
 def median_of(rows: list[dict[str, Any]], key: str) -> float:
@@ -153,9 +172,13 @@ def main() -> None:
     parser.add_argument("--nice-clients", type=int, default=0, metavar="N",
                         help="run the load generators (this process, guidellm) at this "
                              "niceness, the server at its own")
+    parser.add_argument("--guidellm-output-tokens", type=int, default=GUIDELLM["output_tokens"])
+    parser.add_argument("--guidellm-requests", type=int, default=GUIDELLM["requests"])
     parser.add_argument("--split-cpus", action="store_true",
                         help="the server on CPU 0, the load generators on the other CPUs")
     args = parser.parse_args()
+    g = {**GUIDELLM, "output_tokens": args.guidellm_output_tokens,
+         "requests": args.guidellm_requests}
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     server_cpus = {min(os.sched_getaffinity(0))} if args.split_cpus else None
     proc = start_server(grpc_port, http_port, metrics_port, server_cpus)
@@ -181,16 +204,22 @@ def main() -> None:
                           f"{row['median_ttft_ms']:.2f} ms", flush=True)
         if args.guidellm or args.guidellm_only:
             with tempfile.TemporaryDirectory() as tmp:
-                g = GUIDELLM
+                # One untimed run of each first: the server's first steps at these shapes
+                # (and the clients' own start) are slower than the rest.
+                guidellm_run(http_port, Path(tmp), g)
+                bench_level("http", f"127.0.0.1:{http_port}", g["concurrency"],
+                            g["prompt_tokens"], g["output_tokens"], g["requests"],
+                            GUIDELLM_TEMPERATURE)
                 for r in range(args.rounds):
                     pair = ("guidellm", "ecserve_bench_http")
                     for name in pair if r % 2 == 0 else pair[::-1]:
                         def run(name: str = name) -> dict[str, Any]:
                             if name == "guidellm":
-                                return guidellm_run(http_port, Path(tmp))
+                                return guidellm_run(http_port, Path(tmp), g)
                             return bench_level("http", f"127.0.0.1:{http_port}",
                                                g["concurrency"], g["prompt_tokens"],
-                                               g["output_tokens"], g["requests"])
+                                               g["output_tokens"], g["requests"],
+                                               GUIDELLM_TEMPERATURE)
 
                         row = with_server_view(run, metrics_port, g["concurrency"],
                                                g["output_tokens"])
@@ -198,7 +227,11 @@ def main() -> None:
                         print(f"round {r} {name}: {row['output_throughput']:7.1f} tok/s "
                               f"(the server's latencies imply "
                               f"{row['server_implied_tok_s']:.1f}), median TTFT "
-                              f"{row['median_ttft_ms']:.1f} ms", flush=True)
+                              f"{row['median_ttft_ms']:.1f} ms, server steps "
+                              f"{row['server_steps']:.0f} of {row['server_mean_step_ms']:.2f} ms "
+                              f"mean, CPU s front end {row['front_end_cpu_s']:.1f} / engine core "
+                              f"{row['engine_core_cpu_s']:.1f}, experts per token "
+                              f"{row['experts_per_token']:.2f}", flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -230,6 +263,8 @@ def main() -> None:
             own = summary[f"{name}_over_server_view"] = statistics.median(
                 r["output_throughput"] / r["server_implied_tok_s"] for r in runs)
             summary[f"server_mean_e2e_ms_under_{name}"] = median_of(runs, "server_mean_e2e_ms")
+            summary[f"server_mean_step_ms_under_{name}"] = median_of(runs,
+                                                                     "server_mean_step_ms")
             print(f"{name}: its tok/s / the server's view of its run = {own:.3f}; the "
                   f"server's mean request latency under it "
                   f"{summary[f'server_mean_e2e_ms_under_{name}']:.1f} ms")
@@ -242,7 +277,7 @@ def main() -> None:
                    "nice_clients": args.nice_clients,
                    "server_cpus": sorted(server_cpus) if server_cpus else "all",
                    "client_cpus": sorted(os.sched_getaffinity(0)),
-                   "guidellm_workload": GUIDELLM},
+                   "guidellm_workload": g},
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
