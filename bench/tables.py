@@ -402,8 +402,10 @@ def http_api(results: list[Result]) -> list[Section]:
         "One `ecserve serve` (the engine core in its own process) loaded over gRPC and over the "
         "OpenAI-compatible HTTP API in turn by `ecserve bench`'s closed loop (16 prompt tokens, "
         "`output_len` new ones; the order alternating each round; medians over rounds), and "
-        "guidellm against `ecserve bench --protocol http` on one workload, alternating. The "
-        "load generators run on the server's machine.")
+        "guidellm against `ecserve bench --protocol http` on one workload (sampled at "
+        "temperature 1, as guidellm's requests are), alternating, after one untimed run of "
+        "each. The load generators run on the server's machine; with `--split-cpus` the "
+        "server on one CPU and they on the others.")
     return [Section("The HTTP API against gRPC, and guidellm (`bench_http_api.py`)", what,
                     results, blocks)]
 
