@@ -147,7 +147,11 @@ def test_envoy_spreads_load_and_rides_out_a_drain_and_a_kill(make_model, tmp_pat
         ejected = time.monotonic() - t0
         run.wait(timeout=300)
         result = outcome(tmp_path, "sigkill")
-        assert result["sent"] == 120 and 1 <= result["failed"] <= CONCURRENCY, result
+        # At most what was in flight there fails, and nothing is lost. None failing is right
+        # too: seen once in ~50 runs (engine core on a thread), the killed replica held no
+        # request at that instant; the ejection above shows the kill happened.
+        assert result["sent"] == 120 and result["failed"] <= CONCURRENCY, result
+        assert result["succeeded"] + result["failed"] == 120, result
         assert ejected < 5
     finally:
         if envoy is not None:
