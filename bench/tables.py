@@ -522,9 +522,9 @@ def soak_blocks(res: Result, section: list[Result]) -> list[str]:
         summary += (
             f" Prefix cache: {num(hits)} of {num(queries)} prompt tokens looked up were hits "
             f"({hits / queries:.1%}); at the end {num(end['ecserve_kv_cache_blocks_used'])} "
-            f"KV blocks in use, {num(end['ecserve_kv_cache_blocks_cached'])} cached (all "
-            f"evictable: {num(end['ecserve_kv_cache_blocks_evictable'])}) of "
-            f"{num(end['ecserve_kv_cache_capacity_blocks'])}; "
+            f"KV blocks in use, {num(end['ecserve_kv_cache_blocks_cached'])} of "
+            f"{num(end['ecserve_kv_cache_capacity_blocks'])} cached, "
+            f"{num(end['ecserve_kv_cache_blocks_evictable'])} of them evictable; "
             f"{num(end['ecserve_preemptions_total'])} preemptions.")
     return [caption(res, section) + para(summary),
             table(["client behaviour", "calls sent"],
