@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             **stamp(__file__, argv),
             "config": {"rounds": a.rounds, "requests": a.requests, "blocks": a.blocks,
                        "block_size": base.block_size, "min_new_tokens": a.min_new_tokens,
-                       "max_model_len": reference.max_model_len, "model": "default",
+                       "max_model_len": reference.engine.max_model_len, "model": "default",
                        "dtype": "float32", "stop": ["\\n", " "]},
             "runs": results, "summary": summary,
             "goals": {"running_on_demand_over_up_front": ">= 4",
