@@ -28,10 +28,14 @@ CONCURRENCY = 4
 
 class Replica:
     def __init__(self, model: Path, tmp: Path, name: str) -> None:
-        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        self.model = model
         self.log = tmp / f"{name}.log"
+        self._start()
+
+    def _start(self) -> None:
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         # Its own session: a replica must outlive nothing but the test (not a shell's end).
-        self.proc = serve_process(self.log, "--model", str(model), "--port", str(self.port),
+        self.proc = serve_process(self.log, "--model", str(self.model), "--port", str(self.port),
                                   "--metrics-port", str(self.metrics_port), "--http-port",
                                   str(self.http_port), "--device", "cpu",
                                   "--torch-threads", "1", "--drain-delay", "2",
@@ -39,8 +43,14 @@ class Replica:
         self.address = f"127.0.0.1:{self.port}"
 
     def wait_serving(self) -> None:
-        wait_for(lambda: health(self.address) == "SERVING" or self.proc.poll() is not None,
-                 90, f"{self.address} to serve")
+        for _ in range(3):
+            wait_for(lambda: health(self.address) == "SERVING" or self.proc.poll() is not None,
+                     90, f"{self.address} to serve")
+            # A port free_port() found free can be taken before the server binds it (another
+            # connection's ephemeral port): start again on fresh ports.
+            if self.proc.poll() is None or "Address already in use" not in self.log.read_text():
+                break
+            self._start()
         assert self.proc.poll() is None, self.log.read_text()
 
     def finished(self) -> float:
